@@ -1,0 +1,64 @@
+//! The state shared by the HTTP handlers and the background tasks.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
+
+use crate::cache::CacheDir;
+use crate::config::Config;
+use crate::db::{self, queries::Queries};
+use crate::metrics::Metrics;
+use crate::sync::SyncShared;
+
+/// Everything a handler or task needs.
+pub struct App {
+    pub config: Config,
+    pub db: db::Shared,
+    pub queries: Queries,
+    pub sync: Arc<SyncShared>,
+    pub metrics: Arc<Metrics>,
+    pub cache: CacheDir,
+    pub started_at: SystemTime,
+    pub started: Instant,
+    shutting_down: AtomicBool,
+}
+
+impl App {
+    pub fn new(
+        config: Config,
+        db: db::Shared,
+        sync: Arc<SyncShared>,
+        metrics: Arc<Metrics>,
+        cache: CacheDir,
+    ) -> Self {
+        let queries = Queries::new(&config.database.schema);
+        Self {
+            config,
+            db,
+            queries,
+            sync,
+            metrics,
+            cache,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a load balancer should send traffic here; `Err` says why not.
+    pub fn ready(&self) -> Result<(), String> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err("shutting down".into());
+        }
+        self.sync.ready(self.config.sync.max_lag)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.metrics.ready.set(0);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}

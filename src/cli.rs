@@ -1,0 +1,296 @@
+//! The operator commands besides `run`: `check-config`, `migrate`,
+//! `status` and `resync`. `status` and `resync` talk to the local daemon's
+//! API (over its TCP address or unix socket) with a tiny HTTP/1.0 client.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::config::Config;
+use crate::db::{self, embedded::Embedded, migrate};
+
+/// Prints what the config resolves to.
+pub fn describe(config: &Config) -> String {
+    let mut out = String::new();
+    let source = config
+        .source
+        .as_ref()
+        .map_or("built-in defaults".to_string(), |p| p.display().to_string());
+    let _ = writeln!(out, "config OK ({source})");
+    let _ = writeln!(out, "  host.id            {}", config.host_id);
+    let _ = writeln!(out, "  data_dir           {}", config.data_dir.display());
+    let _ = writeln!(out, "  cache_dir          {}", config.cache_dir.display());
+    let db = if config.database.url.is_some() {
+        "database.url (set)".to_string()
+    } else {
+        format!(
+            "embedded PostgreSQL under {}",
+            config.data_dir.join("postgres").display()
+        )
+    };
+    let _ = writeln!(
+        out,
+        "  database           {db}, schema {}",
+        config.database.schema
+    );
+    let api = config
+        .api
+        .listen
+        .map_or("(off)".to_string(), |a| a.to_string());
+    let _ = writeln!(out, "  api.listen         {api}");
+    if let Some(sock) = &config.api.unix_socket {
+        let _ = writeln!(out, "  api.unix_socket    {}", sock.display());
+    }
+    let _ = writeln!(
+        out,
+        "  api.token          {}",
+        if config.api.token.is_some() {
+            "required for writes"
+        } else {
+            "none"
+        }
+    );
+    out
+}
+
+/// `tandem migrate`: applies the schema migrations and exits.
+pub async fn migrate(config: &Config) -> anyhow::Result<String> {
+    let embedded = match &config.database.url {
+        Some(_) => None,
+        None => Some(Embedded::start(&config.data_dir.join("postgres"), &config.database).await?),
+    };
+    let pg = db::pg_config(&config.database, embedded.as_ref().map(Embedded::pg_config));
+    let result = async {
+        let (mut client, _notes) = db::connect(&pg, config.database.connect_timeout).await?;
+        Ok::<_, anyhow::Error>(migrate::run(&mut client, &config.database.schema).await?)
+    }
+    .await;
+    if let Some(e) = embedded
+        && e.started_here()
+    {
+        e.stop().await;
+    }
+    let outcome = result?;
+    Ok(if outcome.from == outcome.to {
+        format!(
+            "schema {} is up to date (version {})",
+            config.database.schema, outcome.to
+        )
+    } else {
+        format!(
+            "schema {} migrated from version {} to {}",
+            config.database.schema, outcome.from, outcome.to
+        )
+    })
+}
+
+/// A response from the local daemon.
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// Sends one request to the local daemon's API.
+pub async fn request(config: &Config, method: &str, path: &str) -> anyhow::Result<Reply> {
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\nContent-Length: 0\r\n");
+    if let Some(token) = &config.api.token {
+        let _ = write!(req, "Authorization: Bearer {}\r\n", token.expose());
+    }
+    req.push_str("\r\n");
+    let io = async {
+        let mut raw = Vec::new();
+        if let Some(sock) = &config.api.unix_socket {
+            let mut s = tokio::net::UnixStream::connect(sock)
+                .await
+                .with_context(|| {
+                    format!("connecting to {} (is tandem running?)", sock.display())
+                })?;
+            s.write_all(req.as_bytes()).await?;
+            s.read_to_end(&mut raw).await?;
+        } else if let Some(addr) = config.api.listen {
+            let mut s = tokio::net::TcpStream::connect(addr)
+                .await
+                .with_context(|| format!("connecting to {addr} (is tandem running?)"))?;
+            s.write_all(req.as_bytes()).await?;
+            s.read_to_end(&mut raw).await?;
+        } else {
+            bail!("neither api.listen nor api.unix_socket is configured");
+        }
+        Ok(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(30), io)
+        .await
+        .context("the daemon did not answer within 30s")??;
+    parse_reply(&raw)
+}
+
+fn parse_reply(raw: &[u8]) -> anyhow::Result<Reply> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("malformed HTTP response")?;
+    let head = std::str::from_utf8(&raw[..split]).context("malformed HTTP response head")?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("malformed HTTP status line")?;
+    let body = serde_json::from_slice(&raw[split + 4..]).unwrap_or(Value::Null);
+    Ok(Reply { status, body })
+}
+
+fn error_text(reply: &Reply) -> String {
+    reply.body["error"]["message"]
+        .as_str()
+        .map_or_else(|| format!("HTTP {}", reply.status), str::to_string)
+}
+
+/// `tandem status`: a table of every host (or JSON).
+pub async fn status(config: &Config, json: bool) -> anyhow::Result<String> {
+    let me = request(config, "GET", "/v1/status").await?;
+    let cluster = request(config, "GET", "/v1/cluster").await?;
+    if json {
+        let doc = serde_json::json!({"this_host": me.body, "cluster": cluster.body});
+        return Ok(serde_json::to_string_pretty(&doc)?);
+    }
+    let mut out = String::new();
+    if cluster.status != 200 {
+        let _ = writeln!(
+            out,
+            "cluster view unavailable: {} (showing this host only)",
+            error_text(&cluster)
+        );
+        let b = &me.body;
+        let _ = writeln!(
+            out,
+            "{}: ready={} applied={} lag={:.1}s db_connected={}",
+            b["host"].as_str().unwrap_or("?"),
+            b["ready"],
+            b["sync"]["applied"].as_str().unwrap_or("-"),
+            b["sync"]["lag_seconds"].as_f64().unwrap_or(0.0),
+            b["database"]["connected"]
+        );
+        return Ok(out);
+    }
+    Ok(format_hosts(&cluster.body))
+}
+
+/// Formats `/v1/cluster` as a table.
+pub fn format_hosts(cluster: &Value) -> String {
+    let header = [
+        "HOST",
+        "STATE",
+        "ROLE",
+        "READY",
+        "HEARTBEAT",
+        "APPLIED",
+        "LAG",
+        "PENDING",
+        "VERSION",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let me = cluster["this_host"].as_str().unwrap_or("");
+    for h in cluster["hosts"].as_array().into_iter().flatten() {
+        let id = h["id"].as_str().unwrap_or("?");
+        rows.push(vec![
+            if id == me {
+                format!("{id} *")
+            } else {
+                id.to_string()
+            },
+            h["state"].as_str().unwrap_or("?").to_string(),
+            h["role"].as_str().unwrap_or("-").to_string(),
+            if h["ready"].as_bool() == Some(true) {
+                "yes"
+            } else {
+                "no"
+            }
+            .to_string(),
+            format!(
+                "{:.1}s ago",
+                h["heartbeat_age_seconds"].as_f64().unwrap_or(f64::NAN)
+            ),
+            h["applied"].as_str().unwrap_or("-").to_string(),
+            format!("{:.1}s", h["lag_seconds"].as_f64().unwrap_or(0.0)),
+            h["pending_rows"].as_i64().unwrap_or(0).to_string(),
+            h["version"].as_str().unwrap_or("?").to_string(),
+        ]);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// `tandem resync [--host ID]`.
+pub async fn resync(config: &Config, host: Option<&str>) -> anyhow::Result<String> {
+    let path = match host {
+        Some(h) => format!("/v1/resync?host={}", encode_query(h)),
+        None => "/v1/resync".to_string(),
+    };
+    let reply = request(config, "POST", &path).await?;
+    if reply.status != 202 {
+        bail!("resync refused: {}", error_text(&reply));
+    }
+    Ok(match host {
+        Some(h) => format!("asked {h} to cold-boot (at its next heartbeat)"),
+        None => format!(
+            "{} will cold-boot now; watch `tandem status`",
+            config.host_id
+        ),
+    })
+}
+
+fn encode_query(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_replies() {
+        let r = parse_reply(b"HTTP/1.0 503 Service Unavailable\r\ncontent-type: application/json\r\n\r\n{\"error\":{\"code\":\"x\",\"message\":\"down\"}}").unwrap();
+        assert_eq!(r.status, 503);
+        assert_eq!(error_text(&r), "down");
+        assert!(parse_reply(b"garbage").is_err());
+    }
+
+    #[test]
+    fn table() {
+        let doc = serde_json::json!({"this_host": "a", "hosts": [
+            {"id": "a", "state": "live", "role": "member", "ready": true, "heartbeat_age_seconds": 1.2,
+             "applied": "5:9:", "lag_seconds": 0.0, "pending_rows": 0, "version": "0.1.0"},
+            {"id": "bb", "state": "stale", "role": null, "ready": false, "heartbeat_age_seconds": 40.0,
+             "applied": null, "lag_seconds": 3.5, "pending_rows": 12, "version": "0.1.0"}]});
+        let t = format_hosts(&doc);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(lines[0].starts_with("HOST"));
+        assert!(lines[1].starts_with("a *"));
+        assert!(
+            lines[2].contains("stale") && lines[2].contains("40.0s ago") && lines[2].contains("12")
+        );
+    }
+}

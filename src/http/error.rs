@@ -1,0 +1,100 @@
+//! The API's one error type: a status, a stable code and a message, always
+//! answered as `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::cache::keys::NameError;
+use crate::db::DbError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"tandem\""),
+            );
+        }
+        response
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        let code = match e {
+            NameError::BadCache(_) => "invalid_cache",
+            _ => "invalid_key",
+        };
+        ApiError::bad_request(code, e.to_string())
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match &e {
+            DbError::Unavailable(why) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                format!(
+                    "the database is unreachable; reads are still served from the local cache ({why})"
+                ),
+            ),
+            DbError::Query(_) => match e.code() {
+                // Invalid parameter values, raised by tandem's SQL functions.
+                Some("22023" | "22004" | "22021" | "22P05" | "54000") => ApiError::bad_request(
+                    "invalid_request",
+                    e.db_message().unwrap_or_else(|| e.to_string()),
+                ),
+                Some("57014") => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_timeout",
+                    "the database cancelled the statement",
+                ),
+                _ => {
+                    tracing::error!(error = %e, "database error");
+                    ApiError::internal("database error (logged on the server)")
+                }
+            },
+        }
+    }
+}

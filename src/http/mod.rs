@@ -1,0 +1,138 @@
+//! The localhost HTTP API: routes, request metrics, JSON errors for
+//! everything (including unknown routes, wrong methods, malformed paths and
+//! panics), and serving on TCP and/or a unix socket.
+
+pub mod cache;
+pub mod error;
+pub mod node;
+pub mod write;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+pub use error::ApiError;
+
+/// Builds the router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/cache", get(cache::list_caches))
+        .route("/v1/cache/{cache}", get(cache::list).delete(cache::clear))
+        .route(
+            "/v1/cache/{cache}/{*key}",
+            get(cache::get_entry)
+                .put(cache::put_entry)
+                .delete(cache::delete_entry),
+        )
+        .route("/v1/batch", post(cache::batch))
+        .route("/v1/wait", get(node::wait))
+        .route("/v1/status", get(node::status))
+        .route("/v1/cluster", get(node::cluster))
+        .route("/v1/resync", post(node::resync))
+        .route("/healthz", get(node::healthz))
+        .route("/readyz", get(node::readyz))
+        .route("/metrics", get(node::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .with_state(app)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route; the API lives under /v1/ (see docs/api.md)")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    ApiError::internal("internal error (logged on the server)").into_response()
+}
+
+/// Counts requests by route and status class, and times them.
+async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let route = route.as_deref().unwrap_or("unmatched");
+    let class = match response.status().as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    app.metrics
+        .http_requests
+        .with_label_values(&[route, class])
+        .inc();
+    app.metrics
+        .http_duration
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Where the API listens.
+#[derive(Default)]
+pub struct Listeners {
+    pub tcp: Option<tokio::net::TcpListener>,
+    pub unix: Option<tokio::net::UnixListener>,
+}
+
+/// Serves the API on every listener until `stop` is cancelled, then drains
+/// open requests.
+pub async fn serve(
+    app: Arc<App>,
+    listeners: Listeners,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let router = router(app);
+    let mut servers = tokio::task::JoinSet::new();
+    if let Some(tcp) = listeners.tcp {
+        let addr = tcp.local_addr()?;
+        tracing::info!(%addr, "api listening");
+        let s = stop.clone();
+        let r = router.clone();
+        servers.spawn(async move {
+            axum::serve(tcp, r)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+        });
+    }
+    if let Some(unix) = listeners.unix {
+        let path = unix
+            .local_addr()?
+            .as_pathname()
+            .map(|p| p.display().to_string());
+        tracing::info!(path = ?path, "api listening on unix socket");
+        let s = stop.clone();
+        servers.spawn(async move {
+            axum::serve(unix, router)
+                .with_graceful_shutdown(s.cancelled_owned())
+                .await
+        });
+    }
+    while let Some(result) = servers.join_next().await {
+        result.map_err(std::io::Error::other)??;
+    }
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! tandem: a sidecar daemon that keeps every web server's local cache
+//! directory in step with the others through one PostgreSQL database.
+//!
+//! Read `docs/ARCHITECTURE.md` for the consistency model and the tasks.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML file, `TANDEM_*` overrides, validation.
+//! - [`daemon`]: [`run`], start-up and the ordered shutdown.
+//! - [`db`]: connections, migrations, the embedded PostgreSQL, SQL text.
+//! - [`sync`]: the snapshot cursor, reading the log, the applier thread,
+//!   cold boots, lag and readiness.
+//! - [`cache`]: the cache directory (generations, key encoding, atomic files).
+//! - [`cluster`]: heartbeats, the host registry, pruning, cluster-wide waits.
+//! - [`http`]: the localhost API (routes, errors, metrics middleware).
+//! - [`metrics`]: the Prometheus registry.
+//! - [`cli`]: `check-config`, `migrate`, `status`, `resync`.
+//! - [`systemd`]: readiness and watchdog notifications.
+
+pub mod app;
+pub mod cache;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod http;
+pub mod metrics;
+pub mod sync;
+pub mod systemd;
+
+pub use config::Config;
+pub use daemon::run;
+pub use http::Listeners;

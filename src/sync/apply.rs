@@ -1,0 +1,317 @@
+//! The applier: a thread that owns the cache directory's writes, fed by a
+//! bounded channel so that rows stream from the database to disk without
+//! piling up in memory and file I/O never runs on the async workers.
+//!
+//! A batch is a sequence of [`Applier::put`], [`Applier::delete`] and clear
+//! calls followed by [`Applier::commit`], which makes the batch durable and
+//! then (only then) writes the local position. A failure inside a batch is
+//! remembered and reported by the commit, which then writes no position, so
+//! the batch is read again later.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::position::{LocalState, StateFile};
+use crate::cache::{CacheDir, Generation};
+
+/// What a committed batch did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub puts: u64,
+    pub deletes: u64,
+    pub clears: u64,
+    /// Entries in the cache directory after the batch.
+    pub entries: u64,
+}
+
+/// A failure to apply, naming what failed.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct ApplyError {
+    pub what: String,
+    #[source]
+    pub source: io::Error,
+}
+
+type Job = Box<dyn FnOnce(&mut Local) + Send>;
+
+/// The thread's state.
+struct Local {
+    dir: CacheDir,
+    current: Generation,
+    /// A generation being built by a cold boot.
+    building: Option<Generation>,
+    /// Caches being cleared in this batch, with the keys that stay.
+    keep: HashMap<String, HashSet<String>>,
+    state_file: StateFile,
+    applied: Applied,
+    failed: Option<ApplyError>,
+    entries: u64,
+}
+
+impl Local {
+    fn fail(&mut self, what: impl FnOnce() -> String, e: io::Error) {
+        if self.failed.is_none() {
+            self.failed = Some(ApplyError {
+                what: what(),
+                source: e,
+            });
+        }
+    }
+
+    fn take_result(&mut self) -> Result<Applied, ApplyError> {
+        self.keep.clear();
+        match self.failed.take() {
+            Some(e) => {
+                self.applied = Applied::default();
+                Err(e)
+            }
+            None => Ok(std::mem::take(&mut self.applied)),
+        }
+    }
+}
+
+/// Handle to the applier thread.
+#[derive(Clone)]
+pub struct Applier {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Applier {
+    /// Starts the thread, owning the cache directory's current generation.
+    pub fn start(dir: CacheDir, current: Generation, state_file: StateFile) -> Self {
+        let (jobs, mut rx) = mpsc::channel::<Job>(256);
+        let mut local = Local {
+            dir,
+            current,
+            building: None,
+            keep: HashMap::new(),
+            state_file,
+            applied: Applied::default(),
+            failed: None,
+            entries: 0,
+        };
+        std::thread::Builder::new()
+            .name("tandem-applier".into())
+            .spawn(move || {
+                local.entries = local.current.count().unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot count the cache entries");
+                    0
+                });
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut local);
+                }
+            })
+            .expect("can spawn the applier thread");
+        Self { jobs }
+    }
+
+    async fn send(&self, job: Job) {
+        // The thread only stops when every handle is gone.
+        let _ = self.jobs.send(job).await;
+    }
+
+    async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Local) -> T + Send + 'static) -> T {
+        let (tx, rx) = oneshot::channel();
+        self.send(Box::new(move |local| {
+            let _ = tx.send(f(local));
+        }))
+        .await;
+        rx.await
+            .expect("the applier thread runs while handles exist")
+    }
+
+    /// The current generation's name.
+    pub async fn generation(&self) -> String {
+        self.call(|l| l.current.name().to_string()).await
+    }
+
+    /// The number of entries in the current generation.
+    pub async fn entries(&self) -> u64 {
+        self.call(|l| l.entries).await
+    }
+
+    /// Writes a value (part of the current batch). `cleared` marks an entry
+    /// of a cache cleared in this batch: it is one of the keys that stay.
+    pub async fn put(
+        &self,
+        cache: String,
+        key: String,
+        value: Vec<u8>,
+        content_type: String,
+        cleared: bool,
+    ) {
+        self.send(Box::new(move |l| {
+            if l.failed.is_some() {
+                return;
+            }
+            if cleared {
+                l.keep.entry(cache.clone()).or_default().insert(key.clone());
+            }
+            match l.current.put(&cache, &key, &value, &content_type) {
+                Ok(()) => l.applied.puts += 1,
+                Err(e) => l.fail(|| format!("cannot write {cache}/{key}"), e),
+            }
+        }))
+        .await;
+    }
+
+    /// Removes a key (part of the current batch).
+    pub async fn delete(&self, cache: String, key: String) {
+        self.send(Box::new(move |l| {
+            if l.failed.is_some() {
+                return;
+            }
+            match l.current.delete(&cache, &key) {
+                Ok(()) => l.applied.deletes += 1,
+                Err(e) => l.fail(|| format!("cannot delete {cache}/{key}"), e),
+            }
+        }))
+        .await;
+    }
+
+    /// Clears a cache: at commit, every key of it not put with `cleared` in
+    /// this batch is removed.
+    pub async fn clear(&self, cache: String) {
+        self.send(Box::new(move |l| {
+            l.keep.entry(cache).or_default();
+            l.applied.clears += 1;
+        }))
+        .await;
+    }
+
+    /// Makes the batch durable, then writes `state` (if any). On failure no
+    /// state is written.
+    pub async fn commit(&self, state: Option<LocalState>) -> Result<Applied, ApplyError> {
+        self.call(move |l| {
+            if l.failed.is_none() {
+                let keep = std::mem::take(&mut l.keep);
+                for (cache, keys) in keep {
+                    if let Err(e) = l.current.retain(&cache, &keys) {
+                        l.fail(|| format!("cannot clear {cache}"), e);
+                        break;
+                    }
+                }
+            }
+            if l.failed.is_none()
+                && let Err(e) = l.current.commit()
+            {
+                l.fail(|| "cannot sync the cache directory".to_string(), e);
+            }
+            if l.failed.is_none()
+                && let Some(state) = state
+                && let Err(e) = l.state_file.store(&state)
+            {
+                let path = l.state_file.path().display().to_string();
+                l.fail(|| format!("cannot write {path}"), e);
+            }
+            if l.failed.is_some() {
+                l.current.discard_staged();
+            }
+            let delta = l.current.take_entry_delta();
+            l.entries = l.entries.saturating_add_signed(delta);
+            l.applied.entries = l.entries;
+            l.take_result()
+        })
+        .await
+    }
+
+    /// Starts building a fresh generation (cold boot). Returns its name.
+    pub async fn begin_build(&self) -> Result<String, ApplyError> {
+        self.call(|l| {
+            if let Some(old) = l.building.take() {
+                let _ = std::fs::remove_dir_all(old.root());
+            }
+            match l.dir.new_generation() {
+                Ok(g) => {
+                    let name = g.name().to_string();
+                    l.building = Some(g);
+                    l.failed = None;
+                    Ok(name)
+                }
+                Err(e) => Err(ApplyError {
+                    what: "cannot create a new cache generation".into(),
+                    source: e,
+                }),
+            }
+        })
+        .await
+    }
+
+    /// Writes a value into the generation being built.
+    pub async fn build_put(
+        &self,
+        cache: String,
+        key: String,
+        value: Vec<u8>,
+        content_type: String,
+    ) {
+        self.send(Box::new(move |l| {
+            if l.failed.is_some() {
+                return;
+            }
+            let Some(g) = l.building.as_mut() else { return };
+            if let Err(e) = g.put_direct(&cache, &key, &value, &content_type) {
+                l.fail(
+                    || format!("cannot write {cache}/{key} into the new generation"),
+                    e,
+                );
+            }
+        }))
+        .await;
+    }
+
+    /// Flushes the built generation, swaps it in, writes `state`, and
+    /// removes the old one. Returns the number of entries.
+    pub async fn finish_build(&self, state: LocalState) -> Result<u64, ApplyError> {
+        self.call(move |l| {
+            let Some(mut g) = l.building.take() else {
+                return Err(ApplyError {
+                    what: "no generation is being built".into(),
+                    source: io::Error::other("finish_build without begin_build"),
+                });
+            };
+            if let Some(e) = l.failed.take() {
+                let _ = std::fs::remove_dir_all(g.root());
+                return Err(e);
+            }
+            let entries = g.take_entry_delta().max(0) as u64;
+            let step = |what: &str, r: io::Result<()>| {
+                r.map_err(|source| ApplyError {
+                    what: what.to_string(),
+                    source,
+                })
+            };
+            step("cannot sync the new generation", g.sync_all())?;
+            step("cannot swap the cache directory", l.dir.publish(&g))?;
+            let old = std::mem::replace(&mut l.current, g);
+            step(
+                "cannot write the position after a cold boot",
+                l.state_file.store(&state),
+            )?;
+            l.dir.remove_others(l.current.name());
+            drop(old);
+            l.entries = entries;
+            Ok(entries)
+        })
+        .await
+    }
+
+    /// Drops a half-built generation.
+    pub async fn abandon_build(&self) {
+        self.call(|l| {
+            l.failed = None;
+            if let Some(g) = l.building.take() {
+                let _ = std::fs::remove_dir_all(g.root());
+            }
+        })
+        .await;
+    }
+
+    /// Forgets the local position (the next start cold-boots).
+    pub async fn forget_position(&self) -> io::Result<()> {
+        self.call(|l| l.state_file.remove()).await
+    }
+}

@@ -1,0 +1,648 @@
+//! Keeping the local cache equal to the committed truth.
+//!
+//! One task ([`Syncer`]) owns the sync connection: it LISTENs for wake-ups,
+//! reads the log page by page ([`read`]), feeds the applier thread
+//! ([`apply`]) and cold-boots when needed ([`coldboot`]). Other parts see its
+//! progress through [`SyncShared`].
+
+pub mod apply;
+pub mod coldboot;
+pub mod lag;
+pub mod position;
+pub mod read;
+pub mod snapshot;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_postgres::{Client, Notification};
+use tokio_util::sync::CancellationToken;
+
+pub use coldboot::ColdBootReason;
+
+use apply::Applier;
+use lag::LagTracker;
+use position::{LocalState, Position};
+use read::ReadError;
+use snapshot::Snapshot;
+
+use crate::db::{self, Backoff, DbError, render};
+use crate::metrics::Metrics;
+
+/// Progress of the sync task, for the API, heartbeats and readiness.
+pub struct SyncShared {
+    /// The applied position (what `?wait=local` waits on).
+    applied: watch::Sender<Option<Snapshot>>,
+    /// Bumped on every ack notification (what `?wait=cluster` waits on).
+    acks: watch::Sender<u64>,
+    status: Mutex<SyncStatus>,
+    lag: Mutex<LagTracker>,
+    resync_requested: AtomicBool,
+    resync: Notify,
+    /// Last sign of life of the sync task (for the systemd watchdog).
+    alive: Mutex<Instant>,
+}
+
+/// A snapshot of the sync task's state.
+#[derive(Clone, Debug, Default)]
+pub struct SyncStatus {
+    pub connected: bool,
+    pub last_error: Option<String>,
+    pub generation: String,
+    pub cold_booting: Option<ColdBootReason>,
+    /// Caught up at least once since start (the readiness latch).
+    pub caught_up_once: bool,
+    /// The position last written to disk (and published to the cluster).
+    pub persisted: Option<Position>,
+    pub last_batch: Option<SystemTime>,
+    pub last_cold_boot: Option<(ColdBootReason, SystemTime)>,
+}
+
+impl SyncShared {
+    pub fn new() -> Self {
+        Self {
+            applied: watch::channel(None).0,
+            acks: watch::channel(0).0,
+            status: Mutex::new(SyncStatus::default()),
+            lag: Mutex::new(LagTracker::default()),
+            resync_requested: AtomicBool::new(false),
+            resync: Notify::new(),
+            alive: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// The sync task is alive and not stuck.
+    pub fn touch(&self) {
+        *self.alive.lock().expect("not poisoned") = Instant::now();
+    }
+
+    /// Whether the sync task showed life within `d`.
+    pub fn alive_within(&self, d: Duration) -> bool {
+        self.alive.lock().expect("not poisoned").elapsed() < d
+    }
+
+    pub fn status(&self) -> SyncStatus {
+        self.status.lock().expect("not poisoned").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut SyncStatus)) {
+        f(&mut self.status.lock().expect("not poisoned"));
+    }
+
+    /// Watches the applied position.
+    pub fn applied(&self) -> watch::Receiver<Option<Snapshot>> {
+        self.applied.subscribe()
+    }
+
+    /// Whether this host has applied transaction `tx`.
+    pub fn has_applied(&self, tx: u64) -> bool {
+        self.applied
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.is_visible(tx))
+    }
+
+    /// Watches ack notifications from other hosts.
+    pub fn acks(&self) -> watch::Receiver<u64> {
+        self.acks.subscribe()
+    }
+
+    /// The current lag.
+    pub fn lag(&self) -> Duration {
+        self.lag.lock().expect("not poisoned").lag(Instant::now())
+    }
+
+    /// Records that there are committed rows unread as of `at`.
+    pub fn observe_pending(&self, at: Instant) {
+        self.lag.lock().expect("not poisoned").observe(at);
+    }
+
+    /// Asks for a cold boot at the next opportunity.
+    pub fn request_resync(&self) {
+        self.resync_requested.store(true, Ordering::SeqCst);
+        self.resync.notify_one();
+    }
+
+    /// Whether this host is ready: caught up once, not cold-booting, and not
+    /// known to be behind by more than `max_lag`.
+    pub fn ready(&self, max_lag: Duration) -> Result<(), String> {
+        let status = self.status();
+        if let Some(reason) = status.cold_booting {
+            return Err(format!("cold-booting ({})", reason.as_str()));
+        }
+        if !status.caught_up_once {
+            return Err("not caught up yet since start".into());
+        }
+        let lag = self.lag();
+        if lag > max_lag {
+            return Err(format!(
+                "behind: committed changes unapplied for {:.1}s (sync.max_lag is {:.1}s)",
+                lag.as_secs_f64(),
+                max_lag.as_secs_f64()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for SyncShared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A sync session failed; the task reconnects after a backoff.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    ColdBoot(#[from] coldboot::ColdBootError),
+    #[error(transparent)]
+    Apply(#[from] apply::ApplyError),
+    #[error("the sync connection closed")]
+    Closed,
+}
+
+impl From<tokio_postgres::Error> for SessionError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        SessionError::Read(e.into())
+    }
+}
+
+impl SessionError {
+    fn stage(&self) -> &'static str {
+        match self {
+            SessionError::Read(_) | SessionError::Closed => "read",
+            SessionError::ColdBoot(_) => "cold_boot",
+            SessionError::Apply(_) => "apply",
+        }
+    }
+}
+
+/// Settings of the sync task.
+#[derive(Clone, Debug)]
+pub struct SyncSettings {
+    pub host_id: String,
+    pub schema: String,
+    pub poll_interval: Duration,
+    pub batch_size: u32,
+    /// How often an idle host persists (and so publishes) its position.
+    pub persist_interval: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// The sync task.
+pub struct Syncer {
+    settings: SyncSettings,
+    pg: tokio_postgres::Config,
+    shared: Arc<SyncShared>,
+    metrics: Arc<Metrics>,
+    applier: Applier,
+    /// The durable local state (what the disk says).
+    state: Option<LocalState>,
+    /// Whether the state file existed but could not be read.
+    state_corrupt: bool,
+    /// The in-memory position (may be ahead of `state` when idle).
+    position: Option<Position>,
+    last_persist: Instant,
+    /// Transactions other hosts wait on: report once applied.
+    wanted_acks: Vec<(u64, Instant)>,
+    log_channel: String,
+    ack_channel: String,
+    ackreq_channel: String,
+}
+
+/// The statements of one session.
+struct Session {
+    page: tokio_postgres::Statement,
+    report: tokio_postgres::Statement,
+    with_system_id: bool,
+}
+
+impl Syncer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: SyncSettings,
+        pg: tokio_postgres::Config,
+        shared: Arc<SyncShared>,
+        metrics: Arc<Metrics>,
+        applier: Applier,
+        state: Result<Option<LocalState>, String>,
+        generation: String,
+    ) -> Self {
+        let state_corrupt = state.is_err();
+        if let Err(why) = &state {
+            tracing::warn!(error = %why, "ignoring the local position; this host will cold-boot");
+        }
+        let state = state.ok().flatten();
+        shared.update(|s| {
+            s.generation = generation;
+            s.persisted = state.as_ref().map(|st| st.position.clone());
+        });
+        Self {
+            log_channel: db::channel(&settings.schema, "log"),
+            ack_channel: db::channel(&settings.schema, "ack"),
+            ackreq_channel: db::channel(&settings.schema, "ackreq"),
+            settings,
+            pg,
+            shared,
+            metrics,
+            applier,
+            position: None,
+            state,
+            state_corrupt,
+            last_persist: Instant::now(),
+            wanted_acks: Vec::new(),
+        }
+    }
+
+    /// Runs until cancelled. `first` is an already open connection to use
+    /// for the first session.
+    pub async fn run(
+        mut self,
+        mut first: Option<(Client, mpsc::UnboundedReceiver<Notification>)>,
+        cancel: CancellationToken,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        while !cancel.is_cancelled() {
+            self.shared.touch();
+            let conn = match first.take() {
+                Some(c) => Ok(c),
+                None => db::connect(&self.pg, self.settings.connect_timeout).await,
+            };
+            let result = match conn {
+                Ok((client, notes)) => {
+                    if backoff.failures() > 0 {
+                        self.metrics
+                            .db_reconnects
+                            .with_label_values(&["sync"])
+                            .inc();
+                    }
+                    self.shared.update(|s| s.connected = true);
+                    let r = self.session(client, notes, &mut backoff, &cancel).await;
+                    if r.is_ok() {
+                        return;
+                    }
+                    r
+                }
+                Err(e) => {
+                    self.metrics
+                        .sync_errors
+                        .with_label_values(&["connect"])
+                        .inc();
+                    Err(SessionError::Read(ReadError::Db(e)))
+                }
+            };
+            if let Err(e) = result {
+                let delay = backoff.failed();
+                if !matches!(
+                    e,
+                    SessionError::Read(ReadError::Db(DbError::Unavailable(_)))
+                        | SessionError::Closed
+                ) {
+                    self.metrics
+                        .sync_errors
+                        .with_label_values(&[e.stage()])
+                        .inc();
+                }
+                if backoff.failures() <= 1 || !matches!(e, SessionError::Read(_)) {
+                    tracing::warn!(error = %e, retry_in = ?delay, "sync interrupted");
+                } else {
+                    tracing::debug!(error = %e, retry_in = ?delay, "sync still interrupted");
+                }
+                self.shared.update(|s| {
+                    s.connected = false;
+                    s.last_error = Some(e.to_string());
+                });
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        mut client: Client,
+        mut notes: mpsc::UnboundedReceiver<Notification>,
+        backoff: &mut Backoff,
+        cancel: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        client
+            .batch_execute(&format!(
+                "LISTEN {}; LISTEN {}; LISTEN {};",
+                self.log_channel, self.ack_channel, self.ackreq_channel
+            ))
+            .await?;
+        let session = Session {
+            page: client
+                .prepare(&render(read::PAGE, &self.settings.schema))
+                .await?,
+            report: client
+                .prepare(&render(
+                    "SELECT {schema}.report($1, $2)",
+                    &self.settings.schema,
+                ))
+                .await?,
+            with_system_id: coldboot::can_read_system_id(&client).await?,
+        };
+        let remote =
+            coldboot::remote(&client, &self.settings.schema, session.with_system_id).await?;
+        let generation = self.applier.generation().await;
+        let reason = if self.shared.resync_requested.swap(false, Ordering::SeqCst) {
+            Some(ColdBootReason::Requested)
+        } else if self.state_corrupt && self.state.is_none() {
+            Some(ColdBootReason::CorruptState)
+        } else {
+            coldboot::needed(self.state.as_ref(), &generation, &remote)
+        };
+        if let Some(reason) = reason {
+            self.cold_boot(&mut client, &session, reason).await?;
+        } else if self.position.is_none() {
+            self.position = self.state.as_ref().map(|s| s.position.clone());
+        }
+        self.shared.update(|s| s.last_error = None);
+        backoff.succeeded();
+
+        let mut trigger = "reconnect";
+        loop {
+            self.catch_up(&mut client, &session, trigger).await?;
+            let mut read = false;
+            while !read {
+                self.shared.touch();
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    note = notes.recv() => {
+                        let Some(note) = note else { return Err(SessionError::Closed) };
+                        read |= self.on_notification(&client, &session, note).await?;
+                        while let Ok(note) = notes.try_recv() {
+                            read |= self.on_notification(&client, &session, note).await?;
+                        }
+                        trigger = "notify";
+                    }
+                    _ = tokio::time::sleep(self.settings.poll_interval) => {
+                        read = true;
+                        trigger = "backstop";
+                    }
+                    _ = self.shared.resync.notified() => {
+                        if self.shared.resync_requested.swap(false, Ordering::SeqCst) {
+                            self.cold_boot(&mut client, &session, ColdBootReason::Requested).await?;
+                        }
+                        read = true;
+                        trigger = "resync";
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a notification; true when the log should be read.
+    async fn on_notification(
+        &mut self,
+        client: &Client,
+        session: &Session,
+        note: Notification,
+    ) -> Result<bool, SessionError> {
+        let channel = note.channel();
+        if channel == self.log_channel {
+            self.shared.observe_pending(Instant::now());
+            return Ok(true);
+        }
+        if channel == self.ack_channel {
+            self.shared.acks.send_modify(|n| *n = n.wrapping_add(1));
+            return Ok(false);
+        }
+        if channel == self.ackreq_channel
+            && let Ok(tx) = note.payload().parse::<u64>()
+        {
+            let persisted = self.state.as_ref().map(|s| &s.position.done);
+            if persisted.is_some_and(|p| p.is_visible(tx)) {
+                self.report(client, session).await?;
+            } else {
+                self.wanted_acks
+                    .push((tx, Instant::now() + Duration::from_secs(300)));
+            }
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Publishes the persisted position at once (answering ack requests).
+    async fn report(&mut self, client: &Client, session: &Session) -> Result<(), SessionError> {
+        let Some(state) = &self.state else {
+            return Ok(());
+        };
+        let applied = state.position.done.to_string();
+        self.metrics.db_queries.with_label_values(&["report"]).inc();
+        client
+            .execute(&session.report, &[&self.settings.host_id, &applied])
+            .await?;
+        Ok(())
+    }
+
+    /// Reads pages until caught up.
+    async fn catch_up(
+        &mut self,
+        client: &mut Client,
+        session: &Session,
+        first_trigger: &'static str,
+    ) -> Result<(), SessionError> {
+        let mut trigger = first_trigger;
+        loop {
+            self.shared.touch();
+            let started = Instant::now();
+            self.shared
+                .lag
+                .lock()
+                .expect("not poisoned")
+                .read_started(started);
+            self.metrics.polls.with_label_values(&[trigger]).inc();
+            self.metrics.db_queries.with_label_values(&["read"]).inc();
+            let position = self
+                .position
+                .clone()
+                .expect("a position exists after the session starts");
+            let meta = match read::read_page(
+                client,
+                &session.page,
+                &position,
+                self.settings.batch_size,
+                &self.applier,
+            )
+            .await
+            {
+                Ok(meta) => meta,
+                Err(e) => {
+                    // Whatever reached the disk is valid truth; keep it, move nothing.
+                    let _ = self.applier.commit(None).await;
+                    return Err(e.into());
+                }
+            };
+            let state = self.state.as_ref().expect("state exists with a position");
+            let reason = if meta.schema_id != state.identity.schema_id {
+                Some(ColdBootReason::DatabaseChanged)
+            } else if meta.pruned_below > position.done.xmin() {
+                Some(ColdBootReason::Pruned)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let _ = self.applier.commit(None).await;
+                self.cold_boot(client, session, reason).await?;
+                trigger = "cold_boot";
+                continue;
+            }
+            let next = read::next_position(&position, &meta, self.settings.batch_size);
+            let changed = meta.rows > 0 || next.pending != position.pending;
+            let persist = changed || self.last_persist.elapsed() >= self.settings.persist_interval;
+            let new_state = persist.then(|| LocalState {
+                position: next.clone(),
+                ..state.clone()
+            });
+            let applied = self.applier.commit(new_state.clone()).await?;
+            if let Some(st) = new_state {
+                self.last_persist = Instant::now();
+                self.shared
+                    .update(|s| s.persisted = Some(st.position.clone()));
+                self.state = Some(st);
+            }
+            let done_changed = next.done != position.done;
+            self.position = Some(next.clone());
+            if done_changed {
+                self.shared.applied.send_replace(Some(next.done.clone()));
+                self.metrics.position_xmin.set(next.done.xmin() as i64);
+            }
+            self.record_batch(&applied, meta.rows, started);
+            if !self.wanted_acks.is_empty() && persist {
+                self.answer_acks(client, session).await?;
+            }
+            if next.pending.is_none() {
+                self.shared.lag.lock().expect("not poisoned").caught_up();
+                self.shared.update(|s| s.caught_up_once = true);
+                return Ok(());
+            }
+            trigger = "more";
+        }
+    }
+
+    fn record_batch(&self, applied: &apply::Applied, rows: i64, started: Instant) {
+        let m = &self.metrics;
+        m.cache_entries.set(applied.entries as i64);
+        if rows == 0 {
+            return;
+        }
+        m.applied_ops
+            .with_label_values(&["put"])
+            .inc_by(applied.puts);
+        m.applied_ops
+            .with_label_values(&["delete"])
+            .inc_by(applied.deletes);
+        m.applied_ops
+            .with_label_values(&["clear"])
+            .inc_by(applied.clears);
+        m.batches.inc();
+        m.batch_duration.observe(started.elapsed().as_secs_f64());
+        let now = SystemTime::now();
+        m.last_applied.set(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        self.shared.update(|s| s.last_batch = Some(now));
+        tracing::debug!(
+            rows,
+            puts = applied.puts,
+            deletes = applied.deletes,
+            clears = applied.clears,
+            "applied batch"
+        );
+    }
+
+    async fn answer_acks(
+        &mut self,
+        client: &Client,
+        session: &Session,
+    ) -> Result<(), SessionError> {
+        let now = Instant::now();
+        let done = self.state.as_ref().map(|s| s.position.done.clone());
+        let before = self.wanted_acks.len();
+        self.wanted_acks.retain(|(tx, expires)| {
+            *expires > now && !done.as_ref().is_some_and(|d| d.is_visible(*tx))
+        });
+        let answered = self.wanted_acks.len() < before;
+        if answered {
+            self.report(client, session).await?;
+        }
+        Ok(())
+    }
+
+    async fn cold_boot(
+        &mut self,
+        client: &mut Client,
+        session: &Session,
+        reason: ColdBootReason,
+    ) -> Result<(), SessionError> {
+        tracing::info!(
+            reason = reason.as_str(),
+            "cold boot: rebuilding the cache from the database"
+        );
+        self.metrics
+            .cold_boots
+            .with_label_values(&[reason.as_str()])
+            .inc();
+        self.shared.update(|s| s.cold_booting = Some(reason));
+        let started = Instant::now();
+        let shared = self.shared.clone();
+        let alive = move || shared.touch();
+        let result = coldboot::run(
+            client,
+            &self.settings.schema,
+            session.with_system_id,
+            &self.applier,
+            &alive,
+        )
+        .await;
+        self.shared.update(|s| s.cold_booting = None);
+        let (state, entries) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // Without a usable state the next session cold-boots again.
+                if reason == ColdBootReason::Requested {
+                    self.shared.resync_requested.store(true, Ordering::SeqCst);
+                }
+                return Err(e.into());
+            }
+        };
+        let took = started.elapsed();
+        self.metrics.cold_boot_duration.observe(took.as_secs_f64());
+        self.metrics.cache_entries.set(entries as i64);
+        tracing::info!(
+            reason = reason.as_str(),
+            entries,
+            generation = %state.generation,
+            position = %state.position.done,
+            seconds = took.as_secs_f64(),
+            "cold boot done"
+        );
+        self.shared
+            .applied
+            .send_replace(Some(state.position.done.clone()));
+        self.metrics
+            .position_xmin
+            .set(state.position.done.xmin() as i64);
+        self.shared.update(|s| {
+            s.generation = state.generation.clone();
+            s.persisted = Some(state.position.clone());
+            s.last_cold_boot = Some((reason, SystemTime::now()));
+        });
+        self.position = Some(state.position.clone());
+        self.state = Some(state);
+        self.state_corrupt = false;
+        self.last_persist = Instant::now();
+        Ok(())
+    }
+}

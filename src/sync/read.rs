@@ -1,0 +1,267 @@
+//! Reading the log: one statement per page, streamed into the applier.
+//!
+//! The statement takes exactly the log rows that were invisible to the
+//! position's snapshot and are visible now (rows whose transaction was in
+//! progress then, or started after it), in `(tx, id)` order, at most `limit`
+//! of them. When a previous page was full, it continues after the last row
+//! of that page and only up to the snapshot the delta ends at, so paging
+//! never skips or repeats a row.
+//!
+//! In the same statement (hence the same snapshot) it reads the current truth
+//! of every key those rows name, every entry of every cache they clear, and
+//! the snapshot itself, which becomes the next position.
+
+use futures_util::{StreamExt, pin_mut};
+use tokio_postgres::{Client, Statement};
+
+use super::apply::Applier;
+use super::position::Position;
+use super::snapshot::Snapshot;
+use crate::db::DbError;
+
+/// The page statement. Parameters: `$1` the position's snapshot, `$2`/`$3`
+/// the last `(tx, id)` read of a partly read delta (`'0'`, 0 when none), `$4`
+/// the snapshot that delta ends at (NULL when none), `$5` the page size.
+///
+/// Output rows: part 0, one row of metadata; part 1, a cache cleared; part 2,
+/// an entry of a cleared cache; part 3, a key named by a put or delete with
+/// its current value (NULL when the key no longer exists).
+pub const PAGE: &str = "
+WITH page AS MATERIALIZED (
+    SELECT id, tx, kind, cache, key FROM (
+        (SELECT id, tx, kind, cache, key FROM {schema}.log
+          WHERE tx = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
+            AND (tx, id) > ($2::text::xid8, $3::int8)
+            AND ($4::text IS NULL OR pg_visible_in_snapshot(tx, $4::text::pg_snapshot)))
+        UNION ALL
+        (SELECT id, tx, kind, cache, key FROM {schema}.log
+          WHERE tx >= pg_snapshot_xmax($1::text::pg_snapshot)
+            AND (tx, id) > ($2::text::xid8, $3::int8)
+            AND ($4::text IS NULL OR pg_visible_in_snapshot(tx, $4::text::pg_snapshot))
+          ORDER BY tx, id
+          LIMIT $5::int8)
+    ) u
+    ORDER BY tx, id
+    LIMIT $5::int8
+), cleared AS (
+    SELECT DISTINCT cache FROM page WHERE kind = 'clear'
+), touched AS (
+    SELECT DISTINCT cache, key FROM page
+     WHERE kind <> 'clear' AND cache NOT IN (SELECT cache FROM cleared)
+)
+SELECT 0 AS part, NULL::text AS cache, NULL::text AS key, NULL::bytea AS value,
+       NULL::text AS content_type,
+       (SELECT count(*) FROM page) AS n,
+       (SELECT tx::text || ':' || id FROM page ORDER BY tx DESC, id DESC LIMIT 1) AS last,
+       pg_current_snapshot()::text AS snapshot,
+       m.schema_id::text AS schema_id,
+       m.pruned_below::text AS pruned_below
+  FROM {schema}.meta m
+UNION ALL
+SELECT 1, c.cache, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cleared c
+UNION ALL
+SELECT 2, e.cache, e.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
+  FROM {schema}.entries e WHERE e.cache IN (SELECT cache FROM cleared)
+UNION ALL
+SELECT 3, t.cache, t.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
+  FROM touched t LEFT JOIN {schema}.entries e ON e.cache = t.cache AND e.key = t.key
+";
+
+/// What a page read said about itself.
+#[derive(Debug, Clone)]
+pub struct PageMeta {
+    /// Log rows in the page.
+    pub rows: i64,
+    /// The last `(tx, id)` of the page.
+    pub last: Option<(u64, i64)>,
+    /// The statement's snapshot.
+    pub snapshot: Snapshot,
+    pub schema_id: String,
+    pub pruned_below: u64,
+}
+
+/// A page read failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("unexpected page data: {0}")]
+    Protocol(String),
+}
+
+impl From<tokio_postgres::Error> for ReadError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ReadError::Db(e.into())
+    }
+}
+
+fn parse_last(text: &str) -> Option<(u64, i64)> {
+    let (tx, id) = text.split_once(':')?;
+    Some((tx.parse().ok()?, id.parse().ok()?))
+}
+
+/// Reads one page after `position` and feeds it to the applier (without
+/// committing). Returns the page's metadata.
+pub async fn read_page(
+    client: &Client,
+    statement: &Statement,
+    position: &Position,
+    limit: u32,
+    applier: &Applier,
+) -> Result<PageMeta, ReadError> {
+    let prev = position.done.to_string();
+    let (after_tx, after_id, target) = match &position.pending {
+        Some(p) => (
+            p.after_tx.to_string(),
+            p.after_id,
+            Some(p.target.to_string()),
+        ),
+        None => ("0".to_string(), 0i64, None),
+    };
+    let limit = i64::from(limit);
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+        [&prev, &after_tx, &after_id, &target, &limit];
+    let rows = client.query_raw(statement, params).await?;
+    pin_mut!(rows);
+    let mut meta = None;
+    while let Some(row) = rows.next().await {
+        let row = row?;
+        let part: i32 = row.try_get(0)?;
+        match part {
+            0 => {
+                let snapshot: String = row.try_get(7)?;
+                let pruned: String = row.try_get(9)?;
+                meta = Some(PageMeta {
+                    rows: row.try_get(5)?,
+                    last: row
+                        .try_get::<_, Option<String>>(6)?
+                        .as_deref()
+                        .and_then(parse_last),
+                    snapshot: snapshot
+                        .parse()
+                        .map_err(|e| ReadError::Protocol(format!("{e}")))?,
+                    schema_id: row.try_get(8)?,
+                    pruned_below: pruned
+                        .parse()
+                        .map_err(|_| ReadError::Protocol(format!("bad pruned_below {pruned:?}")))?,
+                });
+            }
+            1 => applier.clear(row.try_get(1)?).await,
+            2 | 3 => {
+                let cache: String = row.try_get(1)?;
+                let key: String = row.try_get(2)?;
+                let value: Option<Vec<u8>> = row.try_get(3)?;
+                match value {
+                    Some(value) => {
+                        let content_type: String = row.try_get(4)?;
+                        applier
+                            .put(cache, key, value, content_type, part == 2)
+                            .await;
+                    }
+                    None => applier.delete(cache, key).await,
+                }
+            }
+            other => return Err(ReadError::Protocol(format!("unknown part {other}"))),
+        }
+    }
+    let meta = meta
+        .ok_or_else(|| ReadError::Protocol("no metadata row (is the meta table empty?)".into()))?;
+    if meta.rows > 0 && meta.last.is_none() {
+        return Err(ReadError::Protocol("page without a last row".into()));
+    }
+    Ok(meta)
+}
+
+/// The position after applying a page read from `position`.
+pub fn next_position(position: &Position, meta: &PageMeta, limit: u32) -> Position {
+    let target = position
+        .pending
+        .as_ref()
+        .map_or_else(|| meta.snapshot.clone(), |p| p.target.clone());
+    match meta.last {
+        Some((after_tx, after_id)) if meta.rows >= i64::from(limit) => Position {
+            done: position.done.clone(),
+            pending: Some(super::position::Pending {
+                target,
+                after_tx,
+                after_id,
+            }),
+        },
+        _ => Position {
+            done: target,
+            pending: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::position::Pending;
+
+    fn snap(s: &str) -> Snapshot {
+        s.parse().unwrap()
+    }
+
+    fn meta(rows: i64, last: Option<(u64, i64)>, snapshot: &str) -> PageMeta {
+        PageMeta {
+            rows,
+            last,
+            snapshot: snap(snapshot),
+            schema_id: "s".into(),
+            pruned_below: 0,
+        }
+    }
+
+    #[test]
+    fn a_short_page_completes_the_delta() {
+        let p = Position {
+            done: snap("10:10:"),
+            pending: None,
+        };
+        let next = next_position(&p, &meta(3, Some((12, 7)), "13:15:14"), 100);
+        assert_eq!(
+            next,
+            Position {
+                done: snap("13:15:14"),
+                pending: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_page_keeps_done_and_records_the_cursor() {
+        let p = Position {
+            done: snap("10:10:"),
+            pending: None,
+        };
+        let next = next_position(&p, &meta(2, Some((11, 4)), "13:15:14"), 2);
+        assert_eq!(
+            next,
+            Position {
+                done: snap("10:10:"),
+                pending: Some(Pending {
+                    target: snap("13:15:14"),
+                    after_tx: 11,
+                    after_id: 4
+                }),
+            }
+        );
+        // the next page ends the delta at the *target*, not at its own snapshot
+        let last = next_position(&next, &meta(1, Some((12, 9)), "20:20:"), 2);
+        assert_eq!(
+            last,
+            Position {
+                done: snap("13:15:14"),
+                pending: None
+            }
+        );
+    }
+
+    #[test]
+    fn parse_last_rows() {
+        assert_eq!(parse_last("12:7"), Some((12, 7)));
+        assert_eq!(parse_last("12"), None);
+        assert_eq!(parse_last("x:1"), None);
+    }
+}
