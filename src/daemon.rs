@@ -180,7 +180,15 @@ async fn run_with_database(
         Err(_) => tracing::warn!("marking this host stopped timed out"),
     }
     root.cancel();
-    while tasks.join_next().await.is_some() {}
+    if tokio::time::timeout(Duration::from_secs(3), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("background tasks did not stop within 3s");
+        tasks.abort_all();
+    }
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), &mut http_task).await {
         Ok(_) => {}

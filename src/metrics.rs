@@ -101,7 +101,7 @@ impl Metrics {
             applied_ops: counter_vec(
                 &registry,
                 "tandem_sync_applied_ops_total",
-                "Log rows applied to the local cache, by operation (put, delete, clear).",
+                "Keys refreshed in the local cache, by operation (put: written, delete: removed, clear: caches cleared). Several log rows naming one key in a batch refresh it once.",
                 &["op"],
             ),
             batches: counter(
@@ -191,7 +191,7 @@ impl Metrics {
             polls: counter_vec(
                 &registry,
                 "tandem_sync_polls_total",
-                "Reads of the log, by what triggered them (notify, backstop, reconnect, more).",
+                "Reads of the log, by trigger (notify, backstop, reconnect, more, cold_boot, resync).",
                 &["trigger"],
             ),
             ready: int_gauge(
@@ -231,7 +231,7 @@ impl Metrics {
             sync_errors: counter_vec(
                 &registry,
                 "tandem_sync_errors_total",
-                "Sync failures, by stage (connect, read, apply, report).",
+                "Sync failures, by stage (connect, read, apply, cold_boot).",
                 &["stage"],
             ),
             heartbeats: counter_vec(

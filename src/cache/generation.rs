@@ -259,13 +259,22 @@ impl Generation {
 fn write_file(path: &Path, value: &[u8], content_type: &str, xattrs: bool) -> io::Result<()> {
     let mut f = File::create(path)?;
     f.write_all(value)?;
-    if xattrs && content_type != DEFAULT_CONTENT_TYPE {
-        rustix::fs::fsetxattr(
+    if xattrs
+        && content_type != DEFAULT_CONTENT_TYPE
+        && let Err(e) = rustix::fs::fsetxattr(
             &f,
             CONTENT_TYPE_XATTR,
             content_type.as_bytes(),
             rustix::fs::XattrFlags::empty(),
-        )?;
+        )
+    {
+        // A value without its content type beats a sync stalled on it.
+        tracing::warn!(
+            path = %path.display(),
+            content_type_len = content_type.len(),
+            error = %e,
+            "cannot keep the content type; it will be served as application/octet-stream"
+        );
     }
     Ok(())
 }

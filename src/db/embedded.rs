@@ -217,7 +217,7 @@ impl Embedded {
 
     async fn pg_ctl_start(&self, dir: &Path) -> Result<(), EmbeddedError> {
         let options = format!(
-            "-c listen_addresses='' -k {} -p {PORT} -c unix_socket_permissions=0700 -c max_connections=50",
+            "-c listen_addresses='' -k {} -p {PORT} -c unix_socket_permissions=0700 -c max_connections=50 -c jit=off",
             self.socket_dir.display()
         );
         let log = dir.join("postgres.log");

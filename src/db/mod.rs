@@ -92,6 +92,14 @@ pub fn pg_config(
     }
     cfg.connect_timeout(db.connect_timeout);
     cfg.application_name("tandem");
+    // Notice a silently dead peer (a cut network) within about 30 seconds,
+    // unless the URL says otherwise.
+    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        cfg.keepalives_idle(Duration::from_secs(15));
+        cfg.keepalives_interval(Duration::from_secs(5));
+        cfg.keepalives_retries(3);
+        cfg.tcp_user_timeout(Duration::from_secs(30));
+    }
     cfg
 }
 

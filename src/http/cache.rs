@@ -285,7 +285,10 @@ pub async fn list_caches(State(app): State<Arc<App>>) -> Result<Response, ApiErr
     let caches = tokio::task::spawn_blocking(move || dir.caches())
         .await
         .map_err(|e| ApiError::internal(format!("list task failed: {e}")))?
-        .map_err(|e| ApiError::internal(format!("cannot list caches: {e}")))?;
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot list the caches");
+            ApiError::internal("cannot list the caches (logged on the server)")
+        })?;
     Ok(Json(json!({"caches": caches})).into_response())
 }
 

@@ -119,7 +119,14 @@ pub async fn commit(
     let applied = match wait {
         Wait::None => None,
         Wait::Local => Some(cluster::wait_local(app, tx, deadline).await),
-        Wait::Cluster => Some(cluster::wait_cluster(app, tx, deadline).await?),
+        Wait::Cluster => match cluster::wait_cluster(app, tx, deadline).await {
+            Ok(applied) => Some(applied),
+            Err(e) => {
+                // The write committed; only the wait failed.
+                tracing::warn!(error = %e, token = %token, "cannot follow a cluster wait");
+                Some(false)
+            }
+        },
     };
     let mut body = json!({"token": token});
     if let Some(applied) = applied {

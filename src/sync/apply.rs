@@ -218,6 +218,25 @@ impl Applier {
         .await
     }
 
+    /// Abandons the current batch after a failed read: staged writes are
+    /// dropped and clears are *not* applied (their list of keys to keep may
+    /// be incomplete). Changes already renamed into place were read from a
+    /// committed state, so they stay; the batch is read again later.
+    pub async fn abort(&self) {
+        self.call(|l| {
+            l.keep.clear();
+            l.failed = None;
+            l.applied = Applied::default();
+            l.current.discard_staged();
+            let delta = l.current.take_entry_delta();
+            l.entries = l.entries.saturating_add_signed(delta);
+            if let Err(e) = l.current.commit() {
+                tracing::warn!(error = %e, "cannot sync the cache directory after a failed read");
+            }
+        })
+        .await;
+    }
+
     /// Starts building a fresh generation (cold boot). Returns its name.
     pub async fn begin_build(&self) -> Result<String, ApplyError> {
         self.call(|l| {

@@ -58,12 +58,14 @@ pub struct Remote {
 
 const REMOTE: &str = "SELECT pg_current_snapshot()::text, \
      (SELECT system_identifier::text FROM pg_control_system()), \
-     m.schema_id::text, m.pruned_below::text FROM {schema}.meta m";
+     m.schema_id::text || ':' || '{schema}.meta'::regclass::oid::text, \
+     m.pruned_below::text FROM {schema}.meta m";
 
 /// Without the privilege to read the system identifier, the schema id alone
 /// identifies the database.
 const REMOTE_FALLBACK: &str = "SELECT pg_current_snapshot()::text, ''::text, \
-     m.schema_id::text, m.pruned_below::text FROM {schema}.meta m";
+     m.schema_id::text || ':' || '{schema}.meta'::regclass::oid::text, \
+     m.pruned_below::text FROM {schema}.meta m";
 
 /// Whether this role may read the system identifier.
 pub async fn can_read_system_id(client: &Client) -> Result<bool, ReadError> {

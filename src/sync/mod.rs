@@ -317,9 +317,15 @@ impl Syncer {
                     s.connected = false;
                     s.last_error = Some(e.to_string());
                 });
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
+                let until = tokio::time::Instant::now() + delay;
+                while tokio::time::Instant::now() < until {
+                    // Backing off is alive, not stuck (the systemd watchdog).
+                    self.shared.touch();
+                    let step = until.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep_until(step) => {}
+                    }
                 }
             }
         }
@@ -370,8 +376,12 @@ impl Syncer {
 
         let mut trigger = "reconnect";
         loop {
-            self.catch_up(&mut client, &session, trigger).await?;
+            self.catch_up(&mut client, &session, trigger, cancel)
+                .await?;
             let mut read = false;
+            // Fixed per wait, so that notifications that need no read (acks)
+            // do not postpone the backstop poll.
+            let backstop = tokio::time::Instant::now() + self.settings.poll_interval;
             while !read {
                 self.shared.touch();
                 tokio::select! {
@@ -384,7 +394,7 @@ impl Syncer {
                         }
                         trigger = "notify";
                     }
-                    _ = tokio::time::sleep(self.settings.poll_interval) => {
+                    _ = tokio::time::sleep_until(backstop) => {
                         read = true;
                         trigger = "backstop";
                     }
@@ -450,16 +460,25 @@ impl Syncer {
         client: &mut Client,
         session: &Session,
         first_trigger: &'static str,
+        cancel: &CancellationToken,
     ) -> Result<(), SessionError> {
         let mut trigger = first_trigger;
         loop {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
             self.shared.touch();
             let started = Instant::now();
-            self.shared
-                .lag
-                .lock()
-                .expect("not poisoned")
-                .read_started(started);
+            if self.position.as_ref().is_some_and(|p| p.pending.is_none()) {
+                // A new delta: it ends at this read's snapshot, so it covers
+                // what was observed before now. (Later pages of the same
+                // delta read only up to that snapshot.)
+                self.shared
+                    .lag
+                    .lock()
+                    .expect("not poisoned")
+                    .read_started(started);
+            }
             self.metrics.polls.with_label_values(&[trigger]).inc();
             self.metrics.db_queries.with_label_values(&["read"]).inc();
             let position = self
@@ -477,8 +496,7 @@ impl Syncer {
             {
                 Ok(meta) => meta,
                 Err(e) => {
-                    // Whatever reached the disk is valid truth; keep it, move nothing.
-                    let _ = self.applier.commit(None).await;
+                    self.applier.abort().await;
                     return Err(e.into());
                 }
             };
@@ -491,7 +509,7 @@ impl Syncer {
                 None
             };
             if let Some(reason) = reason {
-                let _ = self.applier.commit(None).await;
+                self.applier.abort().await;
                 self.cold_boot(client, session, reason).await?;
                 trigger = "cold_boot";
                 continue;

@@ -54,7 +54,7 @@ SELECT 0 AS part, NULL::text AS cache, NULL::text AS key, NULL::bytea AS value,
        (SELECT count(*) FROM page) AS n,
        (SELECT tx::text || ':' || id FROM page ORDER BY tx DESC, id DESC LIMIT 1) AS last,
        pg_current_snapshot()::text AS snapshot,
-       m.schema_id::text AS schema_id,
+       m.schema_id::text || ':' || '{schema}.meta'::regclass::oid::text AS schema_id,
        m.pruned_below::text AS pruned_below
   FROM {schema}.meta m
 UNION ALL

@@ -1,10 +1,11 @@
 -- tandem core schema. `{schema}` is replaced by the configured schema name
--- (validated to [a-z_][a-z0-9_]{0,62}), `{channel}` by the prefix of its
+-- (validated to [a-z_][a-z0-9_]{0,47}), `{channel}` by the prefix of its
 -- notification channels (`<prefix>_log`, `_ack`, `_ackreq`).
 
--- One row: identifies this schema instance (a restore or a re-created schema
--- gets a new id, which makes every host cold-boot) and records how far the
--- log has been pruned.
+-- One row: identifies this schema instance and records how far the log has
+-- been pruned. Hosts identify the schema by schema_id together with this
+-- table's OID, so a re-created or restored schema (where pg_dump copies the
+-- id) still looks new and makes every host cold-boot.
 CREATE TABLE {schema}.meta (
     singleton    boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     schema_id    uuid NOT NULL DEFAULT gen_random_uuid(),
@@ -80,6 +81,10 @@ BEGIN
     PERFORM {schema}.check_key(p_cache, p_key);
     IF p_key IS NULL OR p_value IS NULL THEN
         RAISE EXCEPTION 'tandem: put needs a key and a value' USING ERRCODE = '22004';
+    END IF;
+    IF p_content_type IS NOT NULL AND p_content_type !~ '^[\x20-\x7e]{1,255}$' THEN
+        RAISE EXCEPTION 'tandem: invalid content type for %/%: 1 to 255 printable ASCII characters',
+            p_cache, left(p_key, 100) USING ERRCODE = '22023';
     END IF;
     INSERT INTO {schema}.entries AS e (cache, key, value, content_type)
     VALUES (p_cache, p_key, p_value, coalesce(p_content_type, 'application/octet-stream'))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs what tandem's tests (and, with --bench, its benchmarks) need on a
+# fresh Debian/Ubuntu machine. Safe to run again: it only installs what is
+# missing. Needs root (or sudo) only when something is missing.
+set -euo pipefail
+
+want=()
+have_pg_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
+have_pg_server || want+=(postgresql)
+command -v promtool >/dev/null 2>&1 || want+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
+if [[ "${1:-}" == "--bench" ]]; then
+    command -v wrk >/dev/null 2>&1 || want+=(wrk)
+    command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
+fi
+
+if ((${#want[@]} == 0)); then
+    exit 0
+fi
+
+echo "installing: ${want[*]}" >&2
+sudo=()
+if [[ $(id -u) -ne 0 ]]; then
+    sudo=(sudo)
+fi
+export DEBIAN_FRONTEND=noninteractive
+"${sudo[@]}" apt-get update -qq
+# --no-install-recommends: the server binaries only; no cluster is created
+# or started for the postgresql package's sake (the tests start their own).
+"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+# The Debian prometheus package starts a server; the tests only need promtool.
+if [[ " ${want[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
+    "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+# nginx-light starts a default site on :80 on some systems; the benchmark runs its own.
+if [[ " ${want[*]} " == *" nginx-light "* ]] && command -v systemctl >/dev/null 2>&1; then
+    "${sudo[@]}" systemctl disable --now nginx >/dev/null 2>&1 || true
+fi

@@ -1,0 +1,405 @@
+//! The consistency model against a real PostgreSQL and real tandem processes:
+//! late commits, concurrent writers of one key, writes from app transactions
+//! through the SQL functions, and waiting for this host or the cluster.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Host, TestDb, assert_converged, connect, tempdir};
+use futures_util::StreamExt;
+
+async fn hosts(db: &TestDb, root: &std::path::Path, n: usize) -> Vec<Host> {
+    let mut hosts = Vec::new();
+    for i in 0..n {
+        hosts.push(Host::start(&db.url, &format!("h{i}"), root, &[]).await);
+    }
+    for h in &hosts {
+        h.wait_ready().await;
+    }
+    hosts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_commit_is_never_skipped_and_delays_nobody_else() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let hs = hosts(&db, root.path(), 3).await;
+
+    // An unrelated write transaction that stays open for the whole test.
+    let unrelated = db.client().await;
+    unrelated
+        .batch_execute("CREATE TABLE app_orders (id int)")
+        .await
+        .unwrap();
+    unrelated
+        .batch_execute("BEGIN; INSERT INTO app_orders VALUES (1)")
+        .await
+        .unwrap();
+
+    // An app transaction takes a transaction id (and a log id) first...
+    let late = db.client().await;
+    late.batch_execute("BEGIN").await.unwrap();
+    let late_tx: String = late
+        .query_one(
+            "SELECT tandem.put('c', 'late', 'from the slow transaction')::text",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // ...while later writes commit and reach every host without waiting for it.
+    let started = Instant::now();
+    let r: serde_json::Value = hs[0]
+        .http
+        .put(hs[0].url("/v1/cache/c/after?wait=cluster&timeout=5s"))
+        .body("written after")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["applied"], true, "{r}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    let after_tx: u64 = r["token"].as_str().unwrap().parse().unwrap();
+    assert!(late_tx.parse::<u64>().unwrap() < after_tx);
+    let late_id: i64 = db
+        .client()
+        .await
+        .query_opt("SELECT 1::int8 FROM tandem.log WHERE key = 'late'", &[])
+        .await
+        .unwrap()
+        .map_or(0, |r| r.get(0));
+    assert_eq!(late_id, 0, "the uncommitted row is invisible to others");
+    for h in &hs {
+        assert_eq!(
+            h.get("c", "after").await.as_deref(),
+            Some(&b"written after"[..])
+        );
+        assert_eq!(h.get("c", "late").await, None);
+    }
+
+    // Now the slow transaction commits: every host reads it.
+    late.batch_execute("COMMIT").await.unwrap();
+    let w: serde_json::Value = hs[1]
+        .get_json(&format!("/v1/wait?token={late_tx}&for=cluster&timeout=10s"))
+        .await;
+    assert_eq!(w["applied"], true, "{w}");
+    for h in &hs {
+        assert_eq!(
+            h.get("c", "late").await.as_deref(),
+            Some(&b"from the slow transaction"[..])
+        );
+    }
+    let refs: Vec<&Host> = hs.iter().collect();
+    assert_converged(&db, &refs, Duration::from_secs(10)).await;
+    unrelated.batch_execute("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_last_transaction_to_commit_wins_everywhere() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let hs = hosts(&db, root.path(), 3).await;
+
+    // T1 writes first, T2 writes the same key and waits on T1's row lock.
+    let t1 = db.client().await;
+    let t2 = db.client().await;
+    t1.batch_execute("BEGIN; SELECT tandem.put('c', 'k', 'from T1')")
+        .await
+        .unwrap();
+    t2.batch_execute("BEGIN").await.unwrap();
+    let t2_write = tokio::spawn(async move {
+        t2.batch_execute("SELECT tandem.put('c', 'k', 'from T2')")
+            .await
+            .unwrap();
+        t2
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    t1.batch_execute("COMMIT").await.unwrap();
+    let t2 = t2_write.await.unwrap();
+    // Hosts may apply T1's value in between; T2 commits last and must win.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    t2.batch_execute("COMMIT").await.unwrap();
+
+    // And the reverse order of transaction ids: the later id commits first.
+    let t3 = db.client().await;
+    let t4 = db.client().await;
+    t3.batch_execute("BEGIN; SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+    t4.batch_execute("BEGIN; SELECT tandem.put('c', 'j', 'from T4')")
+        .await
+        .unwrap();
+    t4.batch_execute("COMMIT").await.unwrap();
+    t3.batch_execute("SELECT tandem.put('c', 'j', 'from T3 (lower id, committed last)')")
+        .await
+        .unwrap();
+    t3.batch_execute("COMMIT").await.unwrap();
+
+    let refs: Vec<&Host> = hs.iter().collect();
+    assert_converged(&db, &refs, Duration::from_secs(10)).await;
+    for h in &hs {
+        assert_eq!(h.get("c", "k").await.as_deref(), Some(&b"from T2"[..]));
+        assert_eq!(
+            h.get("c", "j").await.as_deref(),
+            Some(&b"from T3 (lower id, committed last)"[..])
+        );
+    }
+
+    // Concurrent HTTP writers on every host hammering the same few keys.
+    let mut writers = Vec::new();
+    for (i, h) in hs.iter().enumerate() {
+        let http = h.http.clone();
+        let base = h.url("/v1/cache/hot/");
+        writers.push(tokio::spawn(async move {
+            for n in 0..40 {
+                let key = ["a", "b", "c"][n % 3];
+                let r = http
+                    .put(format!("{base}{key}"))
+                    .body(format!("host {i} write {n}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_converged(&db, &refs, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_transactions_write_through_sql_functions() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let hs = hosts(&db, root.path(), 2).await;
+    let app = db.client().await;
+    app.batch_execute("CREATE TABLE pages (slug text PRIMARY KEY, body text)")
+        .await
+        .unwrap();
+
+    // Rolled back: neither the app's row nor the cache change exists.
+    app.batch_execute(
+        "BEGIN; INSERT INTO pages VALUES ('draft', 'x'); SELECT tandem.put('pages', 'draft', 'x'); ROLLBACK",
+    )
+    .await
+    .unwrap();
+
+    // Committed together: the page and its cache entry, in every overload.
+    let tx: String = {
+        app.batch_execute("BEGIN; INSERT INTO pages VALUES ('home', '<h1>Home</h1>')")
+            .await
+            .unwrap();
+        app.batch_execute("SELECT tandem.put('pages', 'home', '<h1>Home</h1>', 'text/html')")
+            .await
+            .unwrap();
+        app.batch_execute("SELECT tandem.put('pages', 'plain', 'just text')")
+            .await
+            .unwrap();
+        app.batch_execute("SELECT tandem.put('pages', 'meta', '{\"title\": \"Home\"}'::jsonb)")
+            .await
+            .unwrap();
+        app.batch_execute("SELECT tandem.put('pages', 'bin', '\\x00ff'::bytea)")
+            .await
+            .unwrap();
+        let tx: String = app
+            .query_one("SELECT pg_current_xact_id()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        app.batch_execute("COMMIT").await.unwrap();
+        tx
+    };
+    let w = hs[1]
+        .get_json(&format!("/v1/wait?token={tx}&for=local"))
+        .await;
+    assert_eq!(w["applied"], true, "{w}");
+    let local = hs[1].read_cache();
+    let get = |k: &str| local.get(&("pages".to_string(), k.to_string())).cloned();
+    assert_eq!(get("draft"), None);
+    assert_eq!(
+        get("home"),
+        Some((b"<h1>Home</h1>".to_vec(), "text/html".into()))
+    );
+    assert_eq!(
+        get("plain"),
+        Some((b"just text".to_vec(), "text/plain; charset=utf-8".into()))
+    );
+    assert_eq!(
+        get("meta"),
+        Some((br#"{"title": "Home"}"#.to_vec(), "application/json".into()))
+    );
+    assert_eq!(
+        get("bin"),
+        Some((vec![0, 255], "application/octet-stream".into()))
+    );
+    let r = hs[1]
+        .http
+        .get(hs[1].url("/v1/cache/pages/home"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["content-type"], "text/html");
+
+    // Batch, delete and clear from SQL.
+    app.batch_execute(
+        "SELECT tandem.batch(ARRAY['put','put','delete'], ARRAY['b','b','pages'], ARRAY['1','2','plain'], \
+         ARRAY['one'::bytea, 'two'::bytea, ''::bytea], ARRAY['text/plain','text/plain',''])",
+    )
+    .await
+    .unwrap();
+    app.batch_execute("BEGIN; SELECT tandem.clear('pages'); SELECT tandem.put('pages', 'after-clear', 'new'); COMMIT")
+        .await
+        .unwrap();
+    let refs: Vec<&Host> = hs.iter().collect();
+    assert_converged(&db, &refs, Duration::from_secs(10)).await;
+    let local = hs[0].read_cache();
+    assert_eq!(local.keys().filter(|(c, _)| c == "pages").count(), 1);
+    assert_eq!(local.keys().filter(|(c, _)| c == "b").count(), 2);
+
+    // Bad names are refused by the database itself, with a clear message.
+    let e = app
+        .batch_execute("SELECT tandem.put('Bad Cache', 'k', 'v')")
+        .await
+        .unwrap_err();
+    let msg = e.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("invalid cache name"), "{msg}");
+    let e = app
+        .batch_execute("SELECT tandem.put('c', '', 'v')")
+        .await
+        .unwrap_err();
+    assert!(
+        e.as_db_error()
+            .unwrap()
+            .message()
+            .contains("keys are 1 to 1024 bytes")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_notification_per_transaction() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let hs = hosts(&db, root.path(), 1).await;
+    let (listener, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = stream.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.channel().to_string());
+            }
+        }
+    });
+    listener.batch_execute("LISTEN tandem_log").await.unwrap();
+    let app = db.client().await;
+    app.batch_execute(
+        "BEGIN; SELECT tandem.put('c', 'k' || i, 'v') FROM generate_series(1, 500) i; \
+         SELECT tandem.delete('c', 'k1'); SELECT tandem.clear('other'); COMMIT",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut count = 0;
+    while rx.try_recv().is_ok() {
+        count += 1;
+    }
+    assert_eq!(count, 1, "one transaction, one NOTIFY");
+    let refs: Vec<&Host> = hs.iter().collect();
+    assert_converged(&db, &refs, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_this_host_or_the_cluster() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let hs = hosts(&db, root.path(), 3).await;
+
+    // wait=cluster: as soon as it answers, every host has the value.
+    for i in 0..5 {
+        let r = hs[0]
+            .http
+            .put(hs[0].url(&format!("/v1/cache/c/k{i}?wait=cluster")))
+            .body(format!("v{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let token = r.headers()["tandem-token"].to_str().unwrap().to_string();
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["applied"], true);
+        assert_eq!(body["token"], token.as_str());
+        for h in &hs {
+            assert_eq!(
+                h.get("c", &format!("k{i}")).await,
+                Some(format!("v{i}").into_bytes()),
+                "{}",
+                h.id
+            );
+        }
+    }
+
+    // wait=local: this host has it on return.
+    let r: serde_json::Value = hs[1]
+        .http
+        .delete(hs[1].url("/v1/cache/c/k0?wait=local"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["applied"], true);
+    assert_eq!(hs[1].get("c", "k0").await, None);
+
+    // Read-your-writes on another host with ?after=<token>.
+    let token = hs[0].put("c", "ryw", b"fresh", "").await;
+    let r = hs[2]
+        .http
+        .get(hs[2].url(&format!("/v1/cache/c/ryw?after={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap(), "fresh");
+
+    // A host that is frozen makes wait=cluster time out with 202 (the write
+    // itself committed), then catch up when it thaws.
+    hs[2].pause();
+    let r = hs[0]
+        .http
+        .put(hs[0].url("/v1/cache/c/frozen?wait=cluster&timeout=700ms"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["applied"], false);
+    hs[2].resume();
+    let refs: Vec<&Host> = hs.iter().collect();
+    assert_converged(&db, &refs, Duration::from_secs(10)).await;
+
+    // A token that never commits: /v1/wait times out with 504 JSON.
+    let r = hs[0]
+        .http
+        .get(hs[0].url("/v1/wait?token=999999999&timeout=200ms"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 504);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_applied");
+    let _ = connect;
+}
