@@ -102,7 +102,11 @@ async fn run_with_database(
 ) -> anyhow::Result<()> {
     let pg = db::pg_config(&config.database, embedded.map(Embedded::pg_config));
     let metrics = Arc::new(Metrics::new(&config.host_id));
-    let (cache, generation) = CacheDir::open(&config.cache_dir, &config.data_dir)?;
+    let (cache, generation) = CacheDir::open(
+        &config.cache_dir,
+        &config.data_dir,
+        config.api.read_cache_size,
+    )?;
     let state_file = StateFile::new(&config.data_dir);
     let state = state_file.load();
     let generation_name = generation.name().to_string();

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub position_xmin: IntGauge,
     pub last_applied: Gauge,
     pub sync_errors: IntCounterVec,
+    pub read_cache: IntCounterVec,
+    pub read_cache_bytes: IntGauge,
     pub heartbeats: IntCounterVec,
 }
 
@@ -234,6 +236,17 @@ impl Metrics {
                 "Sync failures, by stage (connect, read, apply, cold_boot).",
                 &["stage"],
             ),
+            read_cache: counter_vec(
+                &registry,
+                "tandem_http_read_cache_total",
+                "GET /v1/cache reads answered from the in-memory copy (hit) or from the file (miss).",
+                &["result"],
+            ),
+            read_cache_bytes: int_gauge(
+                &registry,
+                "tandem_http_read_cache_bytes",
+                "Memory held by in-memory copies of small values (api.read_cache_size).",
+            ),
             heartbeats: counter_vec(
                 &registry,
                 "tandem_heartbeats_total",
@@ -247,6 +260,9 @@ impl Metrics {
         }
         for reason in crate::sync::ColdBootReason::ALL {
             metrics.cold_boots.with_label_values(&[reason.as_str()]);
+        }
+        for result in ["hit", "miss"] {
+            metrics.read_cache.with_label_values(&[result]);
         }
         for state in ["live", "stale", "stopped"] {
             metrics.hosts.with_label_values(&[state]);

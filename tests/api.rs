@@ -429,3 +429,66 @@ async fn bad_input_gets_a_clear_4xx_and_the_daemon_keeps_serving() {
     assert!(a.is_running());
     assert_converged(&db, &[&a], Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_reads_never_serve_a_replaced_value() {
+    // GETs are answered from an in-memory copy of small values when they
+    // can; the copy must never outlive the file it came from.
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let a = Host::start(&db.url, "a", root.path(), &[]).await;
+    let b = Host::start(&db.url, "b", root.path(), &[]).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..3 {
+        let (http, base, stop) = (b.http.clone(), b.url("/v1/cache/hot/"), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = http.get(format!("{base}k{}", n % 3)).send().await;
+                n += 1;
+            }
+        }));
+    }
+    for i in 0..150 {
+        let key = format!("k{}", i % 3);
+        let value = format!("value {i}");
+        let token = a.put("hot", &key, value.as_bytes(), "").await;
+        // Read-your-write on the other host, with concurrent readers.
+        let r = b
+            .http
+            .get(b.url(&format!("/v1/cache/hot/{key}?after={token}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.text().await.unwrap(), value, "write {i}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let hits = b
+        .metric("tandem_http_read_cache_total{result=\"hit\"}")
+        .await
+        .unwrap();
+    assert!(hits > 0.0, "the in-memory copy was never used");
+    // A cold boot swaps the directory: the copies go too.
+    a.put("hot", "k0", b"before resync", "?wait=cluster").await;
+    assert_eq!(
+        b.get("hot", "k0").await.as_deref(),
+        Some(&b"before resync"[..])
+    );
+    let c = db.client().await;
+    c.batch_execute("SELECT tandem.put('hot', 'k0', 'changed under a cold boot')")
+        .await
+        .unwrap();
+    let r = b.http.post(b.url("/v1/resync")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    assert_converged(&db, &[&a, &b], Duration::from_secs(10)).await;
+    assert_eq!(
+        b.get("hot", "k0").await.as_deref(),
+        Some(&b"changed under a cold boot"[..])
+    );
+}

@@ -14,6 +14,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use super::keys;
+use super::memory::ValueCache;
 
 /// Extended attribute holding a value's content type (absent means
 /// [`DEFAULT_CONTENT_TYPE`]).
@@ -42,11 +43,18 @@ pub struct Generation {
     /// Change in the number of entries since the last call to
     /// [`Generation::take_entry_delta`].
     entry_delta: i64,
+    /// The in-memory copies to invalidate when a file changes (the live
+    /// generation only).
+    memory: Option<std::sync::Arc<ValueCache>>,
 }
 
 struct Staged {
     tmp: PathBuf,
     dest: PathBuf,
+    cache: String,
+    key: String,
+    /// Kept open for small stages, to fsync without reopening.
+    file: Option<File>,
 }
 
 impl Generation {
@@ -74,7 +82,14 @@ impl Generation {
             next_tmp: 0,
             xattrs,
             entry_delta: 0,
+            memory: None,
         })
+    }
+
+    /// Invalidates `memory` whenever a file of this generation changes.
+    pub fn attach(mut self, memory: std::sync::Arc<ValueCache>) -> Self {
+        self.memory = Some(memory);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -105,8 +120,15 @@ impl Generation {
         let dest = self.dest(cache, key);
         let tmp = self.tmp.join(self.next_tmp.to_string());
         self.next_tmp += 1;
-        write_file(&tmp, value, content_type, self.xattrs)?;
-        self.staged.push(Staged { tmp, dest });
+        let file = write_file(&tmp, value, content_type, self.xattrs)?;
+        let file = (self.staged.len() < SYNCFS_THRESHOLD).then_some(file);
+        self.staged.push(Staged {
+            tmp,
+            dest,
+            cache: cache.to_string(),
+            key: key.to_string(),
+            file,
+        });
         self.staged_bytes += value.len() as u64;
         if self.staged_bytes > MAX_STAGED_BYTES {
             self.flush_staged()?;
@@ -133,7 +155,7 @@ impl Generation {
             }
             other => other,
         };
-        result?;
+        drop(result?);
         self.entry_delta += 1;
         Ok(())
     }
@@ -147,6 +169,9 @@ impl Generation {
         }
         match fs::remove_file(&dest) {
             Ok(()) => {
+                if let Some(m) = &self.memory {
+                    m.invalidate(cache, key);
+                }
                 self.entry_delta -= 1;
                 let cache_dir = self.root.join(cache);
                 let parent = dest.parent().expect("dest has a parent").to_path_buf();
@@ -235,7 +260,10 @@ impl Generation {
             rustix::fs::syncfs(File::open(&self.tmp)?)?;
         } else {
             for s in &self.staged {
-                File::open(&s.tmp)?.sync_data()?;
+                match &s.file {
+                    Some(f) => f.sync_data()?,
+                    None => File::open(&s.tmp)?.sync_data()?,
+                }
             }
         }
         for s in std::mem::take(&mut self.staged) {
@@ -245,6 +273,9 @@ impl Generation {
                 create_dirs(&parent, &self.root, &mut self.dirty_dirs)?;
             }
             fs::rename(&s.tmp, &s.dest)?;
+            if let Some(m) = &self.memory {
+                m.invalidate(&s.cache, &s.key);
+            }
             if !existed {
                 self.entry_delta += 1;
             }
@@ -255,8 +286,8 @@ impl Generation {
     }
 }
 
-/// Writes a whole file with its content type.
-fn write_file(path: &Path, value: &[u8], content_type: &str, xattrs: bool) -> io::Result<()> {
+/// Writes a whole file with its content type; returns it still open.
+fn write_file(path: &Path, value: &[u8], content_type: &str, xattrs: bool) -> io::Result<File> {
     let mut f = File::create(path)?;
     f.write_all(value)?;
     if xattrs
@@ -276,7 +307,7 @@ fn write_file(path: &Path, value: &[u8], content_type: &str, xattrs: bool) -> io
             "cannot keep the content type; it will be served as application/octet-stream"
         );
     }
-    Ok(())
+    Ok(f)
 }
 
 /// Whether the filesystem under `dir` keeps user xattrs.
@@ -398,10 +429,11 @@ pub struct OpenValue {
 }
 
 impl OpenValue {
-    /// Reads the whole value.
+    /// Reads the whole value. Files are replaced by rename, never written in
+    /// place, so the open file keeps the size it had when opened.
     pub fn read_all(mut self) -> io::Result<Vec<u8>> {
-        let mut value = Vec::with_capacity(self.size as usize);
-        io::Read::read_to_end(&mut self.file, &mut value)?;
+        let mut value = vec![0; self.size as usize];
+        io::Read::read_exact(&mut self.file, &mut value)?;
         Ok(value)
     }
 }

@@ -9,10 +9,14 @@
 
 pub mod generation;
 pub mod keys;
+pub mod memory;
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memory::ValueCache;
 
 pub use generation::{DEFAULT_CONTENT_TYPE, Generation};
 
@@ -21,6 +25,7 @@ pub use generation::{DEFAULT_CONTENT_TYPE, Generation};
 pub struct CacheDir {
     link: PathBuf,
     generations: PathBuf,
+    memory: Arc<ValueCache>,
 }
 
 /// Why the cache directory could not be opened.
@@ -49,7 +54,13 @@ impl CacheDir {
     /// Opens the cache directory, creating an empty first generation when
     /// there is none, and removes generations left over by an interrupted
     /// cold boot.
-    pub fn open(link: &Path, data_dir: &Path) -> Result<(Self, Generation), OpenError> {
+    /// `memory_budget` sizes the in-memory copy of small values used by the
+    /// HTTP read path (0 disables it).
+    pub fn open(
+        link: &Path,
+        data_dir: &Path,
+        memory_budget: u64,
+    ) -> Result<(Self, Generation), OpenError> {
         let generations = data_dir.join("generations");
         fs::create_dir_all(&generations).map_err(io_err(&generations))?;
         if let Some(parent) = link.parent() {
@@ -58,6 +69,7 @@ impl CacheDir {
         let dir = Self {
             link: link.to_path_buf(),
             generations,
+            memory: Arc::new(ValueCache::new(memory_budget)),
         };
         let current = match fs::symlink_metadata(link) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -83,7 +95,9 @@ impl CacheDir {
             Err(e) => return Err(io_err(link)(e)),
         };
         let generation = match current {
-            Some(name) => Generation::open(dir.generations.join(name)).map_err(io_err(link))?,
+            Some(name) => Generation::open(dir.generations.join(name))
+                .map_err(io_err(link))?
+                .attach(dir.memory.clone()),
             None => {
                 let g = dir.new_generation().map_err(io_err(link))?;
                 dir.publish(&g).map_err(io_err(link))?;
@@ -92,6 +106,11 @@ impl CacheDir {
         };
         dir.remove_others(generation.name());
         Ok((dir, generation))
+    }
+
+    /// The in-memory copies of small values.
+    pub fn memory(&self) -> &ValueCache {
+        &self.memory
     }
 
     /// The path apps read (the symlink).
@@ -136,7 +155,7 @@ impl CacheDir {
         }
         let root = self.generations.join(format!("g-{:06}", highest + 1));
         fs::create_dir(&root)?;
-        Generation::open(root)
+        Ok(Generation::open(root)?.attach(self.memory.clone()))
     }
 
     /// Points the symlink at `generation` atomically and durably.
@@ -150,6 +169,7 @@ impl CacheDir {
         let _ = fs::remove_file(&tmp);
         std::os::unix::fs::symlink(generation.root(), &tmp)?;
         fs::rename(&tmp, &self.link)?;
+        self.memory.clear();
         fs::File::open(parent)?.sync_all()
     }
 
@@ -184,7 +204,7 @@ mod tests {
     fn open_creates_a_published_generation_and_reopens_it() {
         let d = tempfile::tempdir().unwrap();
         let link = d.path().join("cache");
-        let (dir, mut g) = CacheDir::open(&link, d.path()).unwrap();
+        let (dir, mut g) = CacheDir::open(&link, d.path(), 1 << 20).unwrap();
         assert!(
             fs::symlink_metadata(&link)
                 .unwrap()
@@ -196,7 +216,7 @@ mod tests {
         assert_eq!(dir.read("c", "k").unwrap().unwrap().0, b"v");
         let name = g.name().to_string();
         drop(g);
-        let (_dir, g2) = CacheDir::open(&link, d.path()).unwrap();
+        let (_dir, g2) = CacheDir::open(&link, d.path(), 1 << 20).unwrap();
         assert_eq!(g2.name(), name);
     }
 
@@ -204,7 +224,7 @@ mod tests {
     fn swap_replaces_everything_at_once() {
         let d = tempfile::tempdir().unwrap();
         let link = d.path().join("cache");
-        let (dir, mut old) = CacheDir::open(&link, d.path()).unwrap();
+        let (dir, mut old) = CacheDir::open(&link, d.path(), 1 << 20).unwrap();
         old.put("c", "old", b"1", DEFAULT_CONTENT_TYPE).unwrap();
         old.commit().unwrap();
         let mut fresh = dir.new_generation().unwrap();
@@ -225,11 +245,11 @@ mod tests {
         fs::create_dir(&link).unwrap();
         fs::write(link.join("precious"), b"x").unwrap();
         assert!(matches!(
-            CacheDir::open(&link, d.path()),
+            CacheDir::open(&link, d.path(), 1 << 20),
             Err(OpenError::Foreign(_))
         ));
         // an empty directory is taken over
         fs::remove_file(link.join("precious")).unwrap();
-        assert!(CacheDir::open(&link, d.path()).is_ok());
+        assert!(CacheDir::open(&link, d.path(), 1 << 20).is_ok());
     }
 }

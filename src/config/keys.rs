@@ -97,6 +97,7 @@ pub const KEYS: &[Key] = &[
     key("api", "max_batch_ops", Kind::Int, "10000"),
     key("api", "max_batch_size", Kind::Size, "64MiB"),
     key("api", "max_wait", Kind::Str, "30s"),
+    key("api", "read_cache_size", Kind::Size, "64MiB"),
     key("sync", "poll_interval", Kind::Str, "2s"),
     key("sync", "batch_size", Kind::Int, "1000"),
     key("sync", "max_lag", Kind::Str, "10s"),

@@ -121,6 +121,8 @@ pub struct ApiConfig {
     pub max_batch_ops: usize,
     pub max_batch_size: u64,
     pub max_wait: Duration,
+    /// Memory for copies of small values served by `GET /v1/cache` (0: off).
+    pub read_cache_size: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -195,6 +197,7 @@ struct RawApi {
     max_batch_ops: Option<i64>,
     max_batch_size: Option<SizeValue>,
     max_wait: Option<String>,
+    read_cache_size: Option<SizeValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -605,6 +608,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
             as usize,
         max_batch_size,
         max_wait: duration("api.max_wait", api.max_wait, "30s")?,
+        read_cache_size: size("api.read_cache_size", api.read_cache_size, 64 << 20)?,
     };
 
     let s = raw.sync;

@@ -12,6 +12,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use bytes::Bytes;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -22,6 +23,7 @@ use crate::app::App;
 use crate::cache::DEFAULT_CONTENT_TYPE;
 use crate::cache::generation::open_value;
 use crate::cache::keys::{check_cache, check_key};
+use crate::cache::memory::{Cached, MAX_VALUE};
 use crate::cluster;
 
 /// Values up to this size are read on the async worker (page-cache hits
@@ -115,6 +117,12 @@ pub async fn get_entry(
             ));
         }
     }
+    let memory = app.cache.memory();
+    if let Some(hit) = memory.get(&cache, &key) {
+        app.metrics.read_cache.with_label_values(&["hit"]).inc();
+        return Ok(value_response(hit.value, &hit.content_type));
+    }
+    let ticket = memory.ticket(&cache, &key);
     let file_path = app.cache.path_of(&cache, &key);
     let opened = open_value(&file_path).map_err(|e| read_failed(&cache, &key, e))?;
     let Some(opened) = opened else {
@@ -123,8 +131,7 @@ pub async fn get_entry(
             shorten(&key)
         )));
     };
-    let content_type = HeaderValue::from_str(&opened.content_type)
-        .unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_CONTENT_TYPE));
+    let content_type = opened.content_type.clone();
     let value = if opened.size <= INLINE_READ {
         opened.read_all()
     } else {
@@ -133,11 +140,26 @@ pub async fn get_entry(
             .map_err(|e| ApiError::internal(format!("read task failed: {e}")))?
     }
     .map_err(|e| read_failed(&cache, &key, e))?;
+    let value = Bytes::from(value);
+    if memory.enabled() && value.len() <= MAX_VALUE {
+        app.metrics.read_cache.with_label_values(&["miss"]).inc();
+        let cached = Cached {
+            value: value.clone(),
+            content_type: content_type.clone(),
+        };
+        memory.insert(ticket, &cache, &key, cached);
+    }
+    Ok(value_response(value, &content_type))
+}
+
+fn value_response(value: Bytes, content_type: &str) -> Response {
+    let content_type = HeaderValue::from_str(content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_CONTENT_TYPE));
     let mut response = Response::new(Body::from(value));
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, content_type);
-    Ok(response)
+    response
 }
 
 fn read_failed(cache: &str, key: &str, e: std::io::Error) -> ApiError {

@@ -42,7 +42,10 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/metrics", get(node::metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn_with_state(app.clone(), observe))
+        .layer(middleware::from_fn_with_state(
+            Arc::new(Observer::new(&app.metrics)),
+            observe,
+        ))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(app)
 }
@@ -64,30 +67,68 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::internal("internal error (logged on the server)").into_response()
 }
 
+/// The routes, as matched (the label values of the request metrics).
+const ROUTES: &[&str] = &[
+    "/v1/cache",
+    "/v1/cache/{cache}",
+    "/v1/cache/{cache}/{*key}",
+    "/v1/batch",
+    "/v1/wait",
+    "/v1/status",
+    "/v1/cluster",
+    "/v1/resync",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// One route's metric handles, resolved once (label lookups cost more than
+/// the rest of a cached read).
+struct RouteMetrics {
+    by_class: [prometheus::IntCounter; 5],
+    duration: prometheus::Histogram,
+}
+
+impl RouteMetrics {
+    fn new(metrics: &crate::metrics::Metrics, route: &str) -> Self {
+        Self {
+            by_class: CLASSES.map(|c| metrics.http_requests.with_label_values(&[route, c])),
+            duration: metrics.http_duration.with_label_values(&[route]),
+        }
+    }
+}
+
+struct Observer {
+    routes: std::collections::HashMap<&'static str, RouteMetrics>,
+    unmatched: RouteMetrics,
+}
+
+impl Observer {
+    fn new(metrics: &crate::metrics::Metrics) -> Self {
+        Self {
+            routes: ROUTES
+                .iter()
+                .map(|r| (*r, RouteMetrics::new(metrics, r)))
+                .collect(),
+            unmatched: RouteMetrics::new(metrics, "unmatched"),
+        }
+    }
+}
+
 /// Counts requests by route and status class, and times them.
-async fn observe(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+async fn observe(State(observer): State<Arc<Observer>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string());
+        .and_then(|p| observer.routes.get(p.as_str()))
+        .unwrap_or(&observer.unmatched);
     let response = next.run(request).await;
-    let route = route.as_deref().unwrap_or("unmatched");
-    let class = match response.status().as_u16() {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
-    };
-    app.metrics
-        .http_requests
-        .with_label_values(&[route, class])
-        .inc();
-    app.metrics
-        .http_duration
-        .with_label_values(&[route])
-        .observe(started.elapsed().as_secs_f64());
+    let class = usize::from((response.status().as_u16() / 100).clamp(1, 5)) - 1;
+    route.by_class[class].inc();
+    route.duration.observe(started.elapsed().as_secs_f64());
     response
 }
 

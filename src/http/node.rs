@@ -183,6 +183,9 @@ pub async fn readyz(State(app): State<Arc<App>>) -> Response {
 pub async fn metrics(State(app): State<Arc<App>>) -> Response {
     app.metrics.lag_seconds.set(app.sync.lag().as_secs_f64());
     app.metrics.ready.set(i64::from(app.ready().is_ok()));
+    app.metrics
+        .read_cache_bytes
+        .set(app.cache.memory().bytes() as i64);
     let mut response = app.metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -182,40 +182,32 @@ impl Applier {
         .await;
     }
 
-    /// Makes the batch durable, then writes `state` (if any). On failure no
-    /// state is written.
-    pub async fn commit(&self, state: Option<LocalState>) -> Result<Applied, ApplyError> {
-        self.call(move |l| {
-            if l.failed.is_none() {
-                let keep = std::mem::take(&mut l.keep);
-                for (cache, keys) in keep {
-                    if let Err(e) = l.current.retain(&cache, &keys) {
-                        l.fail(|| format!("cannot clear {cache}"), e);
-                        break;
-                    }
-                }
-            }
-            if l.failed.is_none()
-                && let Err(e) = l.current.commit()
-            {
-                l.fail(|| "cannot sync the cache directory".to_string(), e);
-            }
-            if l.failed.is_none()
-                && let Some(state) = state
-                && let Err(e) = l.state_file.store(&state)
-            {
-                let path = l.state_file.path().display().to_string();
-                l.fail(|| format!("cannot write {path}"), e);
-            }
-            if l.failed.is_some() {
-                l.current.discard_staged();
-            }
-            let delta = l.current.take_entry_delta();
-            l.entries = l.entries.saturating_add_signed(delta);
-            l.applied.entries = l.entries;
-            l.take_result()
-        })
-        .await
+    /// Makes the batch durable, then writes `state` (if any; fsynced too
+    /// when `durable`). On failure no state is written.
+    pub async fn commit(
+        &self,
+        state: Option<LocalState>,
+        durable: bool,
+    ) -> Result<Applied, ApplyError> {
+        self.commit_later(state, durable)
+            .await
+            .await
+            .expect("the applier thread answers while handles exist")
+    }
+
+    /// Queues [`Self::commit`] and returns where its result will arrive,
+    /// so that the next batch can be read meanwhile.
+    pub async fn commit_later(
+        &self,
+        state: Option<LocalState>,
+        durable: bool,
+    ) -> oneshot::Receiver<Result<Applied, ApplyError>> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Box::new(move |l| {
+            let _ = tx.send(commit_now(l, state, durable));
+        }))
+        .await;
+        rx
     }
 
     /// Abandons the current batch after a failed read: staged writes are
@@ -308,7 +300,7 @@ impl Applier {
             let old = std::mem::replace(&mut l.current, g);
             step(
                 "cannot write the position after a cold boot",
-                l.state_file.store(&state),
+                l.state_file.store(&state, true),
             )?;
             l.dir.remove_others(l.current.name());
             drop(old);
@@ -333,4 +325,39 @@ impl Applier {
     pub async fn forget_position(&self) -> io::Result<()> {
         self.call(|l| l.state_file.remove()).await
     }
+}
+
+fn commit_now(
+    l: &mut Local,
+    state: Option<LocalState>,
+    durable: bool,
+) -> Result<Applied, ApplyError> {
+    if l.failed.is_none() {
+        let keep = std::mem::take(&mut l.keep);
+        for (cache, keys) in keep {
+            if let Err(e) = l.current.retain(&cache, &keys) {
+                l.fail(|| format!("cannot clear {cache}"), e);
+                break;
+            }
+        }
+    }
+    if l.failed.is_none()
+        && let Err(e) = l.current.commit()
+    {
+        l.fail(|| "cannot sync the cache directory".to_string(), e);
+    }
+    if l.failed.is_none()
+        && let Some(state) = state
+        && let Err(e) = l.state_file.store(&state, durable)
+    {
+        let path = l.state_file.path().display().to_string();
+        l.fail(|| format!("cannot write {path}"), e);
+    }
+    if l.failed.is_some() {
+        l.current.discard_staged();
+    }
+    let delta = l.current.take_entry_delta();
+    l.entries = l.entries.saturating_add_signed(delta);
+    l.applied.entries = l.entries;
+    l.take_result()
 }

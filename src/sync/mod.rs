@@ -215,6 +215,16 @@ pub struct Syncer {
     ackreq_channel: String,
 }
 
+/// A page whose commit is queued in the applier.
+struct InFlight {
+    result: tokio::sync::oneshot::Receiver<Result<apply::Applied, apply::ApplyError>>,
+    new_state: Option<LocalState>,
+    next: Position,
+    rows: i64,
+    started: Instant,
+    read_took: Duration,
+}
+
 /// The statements of one session.
 struct Session {
     page: tokio_postgres::Statement,
@@ -284,6 +294,10 @@ impl Syncer {
                     self.shared.update(|s| s.connected = true);
                     let r = self.session(client, notes, &mut backoff, &cancel).await;
                     if r.is_ok() {
+                        // Stopping: make the last position durable.
+                        if let Err(e) = self.applier.commit(self.state.clone(), true).await {
+                            tracing::warn!(error = %e, "cannot persist the position at shutdown");
+                        }
                         return;
                     }
                     r
@@ -454,7 +468,11 @@ impl Syncer {
         Ok(())
     }
 
-    /// Reads pages until caught up.
+    /// Reads pages until caught up. While page N is being committed by the
+    /// applier, page N+1 is already read (its rows queue up behind the
+    /// commit); N's bookkeeping happens once its commit is confirmed.
+    /// `self.position` only ever holds a committed position, so any error
+    /// re-reads from there.
     async fn catch_up(
         &mut self,
         client: &mut Client,
@@ -463,13 +481,21 @@ impl Syncer {
         cancel: &CancellationToken,
     ) -> Result<(), SessionError> {
         let mut trigger = first_trigger;
+        let mut in_flight: Option<InFlight> = None;
+        let mut read_from = self
+            .position
+            .clone()
+            .expect("a position exists after the session starts");
         loop {
             if cancel.is_cancelled() {
+                if let Some(f) = in_flight.take() {
+                    self.finish(client, session, f).await?;
+                }
                 return Ok(());
             }
             self.shared.touch();
             let started = Instant::now();
-            if self.position.as_ref().is_some_and(|p| p.pending.is_none()) {
+            if read_from.pending.is_none() {
                 // A new delta: it ends at this read's snapshot, so it covers
                 // what was observed before now. (Later pages of the same
                 // delta read only up to that snapshot.)
@@ -481,19 +507,23 @@ impl Syncer {
             }
             self.metrics.polls.with_label_values(&[trigger]).inc();
             self.metrics.db_queries.with_label_values(&["read"]).inc();
-            let position = self
-                .position
-                .clone()
-                .expect("a position exists after the session starts");
-            let meta = match read::read_page(
+            let read = read::read_page(
                 client,
                 &session.page,
-                &position,
+                &read_from,
                 self.settings.batch_size,
                 &self.applier,
             )
-            .await
+            .await;
+            // The previous page first: its commit was queued before this
+            // page's rows.
+            if let Some(f) = in_flight.take()
+                && let Err(e) = self.finish(client, session, f).await
             {
+                self.applier.abort().await;
+                return Err(e);
+            }
+            let meta = match read {
                 Ok(meta) => meta,
                 Err(e) => {
                     self.applier.abort().await;
@@ -503,7 +533,7 @@ impl Syncer {
             let state = self.state.as_ref().expect("state exists with a position");
             let reason = if meta.schema_id != state.identity.schema_id {
                 Some(ColdBootReason::DatabaseChanged)
-            } else if meta.pruned_below > position.done.xmin() {
+            } else if meta.pruned_below > read_from.done.xmin() {
                 Some(ColdBootReason::Pruned)
             } else {
                 None
@@ -511,40 +541,80 @@ impl Syncer {
             if let Some(reason) = reason {
                 self.applier.abort().await;
                 self.cold_boot(client, session, reason).await?;
+                read_from = self
+                    .position
+                    .clone()
+                    .expect("a cold boot sets the position");
                 trigger = "cold_boot";
                 continue;
             }
-            let next = read::next_position(&position, &meta, self.settings.batch_size);
-            let changed = meta.rows > 0 || next.pending != position.pending;
-            let persist = changed || self.last_persist.elapsed() >= self.settings.persist_interval;
+            let next = read::next_position(&read_from, &meta, self.settings.batch_size);
+            let changed = meta.rows > 0 || next.pending != read_from.pending;
+            // Every change of position is written; it is also fsynced at most
+            // once per persist interval (see `StateFile::store`).
+            let durable = self.last_persist.elapsed() >= self.settings.persist_interval;
+            let persist = changed || durable;
+            if durable {
+                self.last_persist = Instant::now();
+            }
             let new_state = persist.then(|| LocalState {
                 position: next.clone(),
                 ..state.clone()
             });
-            let applied = self.applier.commit(new_state.clone()).await?;
-            if let Some(st) = new_state {
-                self.last_persist = Instant::now();
-                self.shared
-                    .update(|s| s.persisted = Some(st.position.clone()));
-                self.state = Some(st);
-            }
-            let done_changed = next.done != position.done;
-            self.position = Some(next.clone());
-            if done_changed {
-                self.shared.applied.send_replace(Some(next.done.clone()));
-                self.metrics.position_xmin.set(next.done.xmin() as i64);
-            }
-            self.record_batch(&applied, meta.rows, started);
-            if !self.wanted_acks.is_empty() && persist {
-                self.answer_acks(client, session).await?;
-            }
-            if next.pending.is_none() {
+            let result = self.applier.commit_later(new_state.clone(), durable).await;
+            let more = next.pending.is_some();
+            read_from = next.clone();
+            in_flight = Some(InFlight {
+                result,
+                new_state,
+                next,
+                rows: meta.rows,
+                started,
+                read_took: started.elapsed(),
+            });
+            if !more {
+                let f = in_flight.take().expect("just set");
+                self.finish(client, session, f).await?;
                 self.shared.lag.lock().expect("not poisoned").caught_up();
                 self.shared.update(|s| s.caught_up_once = true);
                 return Ok(());
             }
             trigger = "more";
         }
+    }
+
+    /// Completes a page whose commit was queued: on success, moves the
+    /// committed position forward and tells waiters.
+    async fn finish(
+        &mut self,
+        client: &Client,
+        session: &Session,
+        f: InFlight,
+    ) -> Result<(), SessionError> {
+        let applied = f.result.await.expect("the applier answers every commit")?;
+        tracing::trace!(
+            read_ms = f.read_took.as_secs_f64() * 1e3,
+            commit_ms = (f.started.elapsed() - f.read_took).as_secs_f64() * 1e3,
+            rows = f.rows,
+            "page timings"
+        );
+        let persisted = f.new_state.is_some();
+        if let Some(st) = f.new_state {
+            self.shared
+                .update(|s| s.persisted = Some(st.position.clone()));
+            self.state = Some(st);
+        }
+        let done_changed = self.position.as_ref().is_none_or(|p| p.done != f.next.done);
+        self.position = Some(f.next.clone());
+        if done_changed {
+            self.shared.applied.send_replace(Some(f.next.done.clone()));
+            self.metrics.position_xmin.set(f.next.done.xmin() as i64);
+        }
+        self.record_batch(&applied, f.rows, f.started);
+        if !self.wanted_acks.is_empty() && persisted {
+            self.answer_acks(client, session).await?;
+        }
+        Ok(())
     }
 
     fn record_batch(&self, applied: &apply::Applied, rows: i64, started: Instant) {

@@ -93,19 +93,29 @@ impl StateFile {
         Ok(Some(state))
     }
 
-    /// Writes the state atomically and durably: temp file, fsync, rename,
-    /// fsync of the directory.
-    pub fn store(&self, state: &LocalState) -> std::io::Result<()> {
+    /// Writes the state atomically (temp file, rename). With `durable`, also
+    /// fsyncs the file before and the directory after the rename.
+    ///
+    /// A non-durable write is still safe: the cache changes it covers were
+    /// made durable before it (see [`super::apply`]), so after a power loss
+    /// the file holds either this state or an older one, and an older one
+    /// only means reading some rows again.
+    pub fn store(&self, state: &LocalState, durable: bool) -> std::io::Result<()> {
         let dir = self.path.parent().expect("state file has a parent");
         let tmp = dir.join(".position.json.tmp");
         let bytes = serde_json::to_vec(state).expect("state serialises");
         {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(&bytes)?;
-            f.sync_all()?;
+            if durable {
+                f.sync_all()?;
+            }
         }
         fs::rename(&tmp, &self.path)?;
-        fs::File::open(dir)?.sync_all()
+        if durable {
+            fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 
     /// Removes the state (forces a cold boot at next start).
@@ -142,7 +152,9 @@ mod tests {
                 }),
             },
         };
-        file.store(&state).unwrap();
+        file.store(&state, true).unwrap();
+        assert_eq!(file.load().unwrap(), Some(state.clone()));
+        file.store(&state, false).unwrap();
         assert_eq!(file.load().unwrap(), Some(state));
         fs::write(file.path(), b"{not json").unwrap();
         assert!(file.load().is_err());

@@ -25,7 +25,8 @@ use crate::db::DbError;
 ///
 /// Output rows: part 0, one row of metadata; part 1, a cache cleared; part 2,
 /// an entry of a cleared cache; part 3, a key named by a put or delete with
-/// its current value (NULL when the key no longer exists).
+/// its current value (NULL when the key no longer exists). The LATERAL joins
+/// keep the entries lookups on the primary key whatever the statistics say.
 pub const PAGE: &str = "
 WITH page AS MATERIALIZED (
     SELECT id, tx, kind, cache, key FROM (
@@ -60,11 +61,15 @@ SELECT 0 AS part, NULL::text AS cache, NULL::text AS key, NULL::bytea AS value,
 UNION ALL
 SELECT 1, c.cache, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL FROM cleared c
 UNION ALL
-SELECT 2, e.cache, e.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
-  FROM {schema}.entries e WHERE e.cache IN (SELECT cache FROM cleared)
+SELECT 2, c.cache, e.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
+  FROM cleared c
+  CROSS JOIN LATERAL (SELECT key, value, content_type FROM {schema}.entries
+                       WHERE cache = c.cache) e
 UNION ALL
 SELECT 3, t.cache, t.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
-  FROM touched t LEFT JOIN {schema}.entries e ON e.cache = t.cache AND e.key = t.key
+  FROM touched t
+  LEFT JOIN LATERAL (SELECT value, content_type FROM {schema}.entries
+                      WHERE cache = t.cache AND key = t.key) e ON true
 ";
 
 /// What a page read said about itself.

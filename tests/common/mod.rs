@@ -65,7 +65,8 @@ fn free_port() -> u16 {
 }
 
 /// Starts a throwaway cluster that stops itself when this process exits.
-fn start_cluster() -> Pg {
+/// `durable` keeps fsync and synchronous commit on (for benchmarks).
+pub fn start_cluster(durable: bool) -> Pg {
     let bin = pg_bin_dir();
     let dir = std::env::temp_dir().join(format!("tandem-test-pg-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -110,9 +111,13 @@ fn start_cluster() -> Pg {
     let mut port = 0;
     for _ in 0..5 {
         port = free_port();
+        let speed = if durable {
+            ""
+        } else {
+            " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        };
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c synchronous_commit=off \
-             -c full_page_writes=off -c max_connections=400",
+            "-c listen_addresses=127.0.0.1 -p {port} -k {}{speed} -c max_connections=400",
             dir.display()
         );
         let out = cmd("pg_ctl")
@@ -153,7 +158,10 @@ fn start_cluster() -> Pg {
     }
     // Deliberately never waited for: it outlives this process.
     #[allow(clippy::zombie_processes)]
-    let _watchdog = w.process_group(0).spawn().expect("can start the PostgreSQL watchdog");
+    let _watchdog = w
+        .process_group(0)
+        .spawn()
+        .expect("can start the PostgreSQL watchdog");
     Pg {
         template: format!("postgres://postgres@127.0.0.1:{port}/{{db}}"),
     }
@@ -164,7 +172,7 @@ pub fn pg() -> &'static Pg {
         Ok(url) if !url.is_empty() => Pg {
             template: url_template(&url),
         },
-        _ => start_cluster(),
+        _ => start_cluster(false),
     })
 }
 
@@ -184,6 +192,13 @@ fn url_template(url: &str) -> String {
 }
 
 impl Pg {
+    /// An existing server (its URL names any database).
+    pub fn from_url(url: &str) -> Pg {
+        Pg {
+            template: url_template(url),
+        }
+    }
+
     pub fn url(&self, db: &str) -> String {
         self.template.replace("{db}", db)
     }
@@ -197,7 +212,11 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
-        let pg = pg();
+        Self::on(pg()).await
+    }
+
+    /// A fresh database on a given server.
+    pub async fn on(pg: &Pg) -> TestDb {
         let name = format!(
             "t_{}_{}",
             std::process::id(),

@@ -1,0 +1,535 @@
+//! tandem's core benchmark: prints figures, side by side with their
+//! references measured in the same run.
+//!
+//!     scripts/install-test-deps.sh --bench && cargo bench --bench sync
+//!
+//! 1. Propagation: 4 hosts on one PostgreSQL (fsync on), app writers commit
+//!    1 KiB puts at 500/s while the database also runs unrelated short write
+//!    transactions and one unrelated write transaction stays open all along.
+//!    Latency is from just before the writer sends its (autocommit) write to
+//!    the moment the file appears in each host's cache directory (inotify);
+//!    a write counts when it is on every host. The floor beside it: a bare
+//!    NOTIFY to 4 listeners that each run one SELECT, same clock, same load.
+//! 2. Idle cost per host: queries/s, CPU, RSS.
+//! 3. Reads: `wrk` at 32 connections on GET of a 1 KiB value, tandem vs nginx
+//!    serving the same file from the cache directory.
+//! 4. Catch-up: one host applying a 100,000 x 1 KiB backlog.
+//! 5. Cold boot of 100,000 x 1 KiB entries.
+//!
+//! Environment: BENCH_SECS (propagation run, default 20), BENCH_RATE
+//! (default 500), BENCH_IDLE_SECS (default 20), TANDEM_BENCH_DATABASE_URL (use
+//! an existing server instead of a throwaway one).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Host, Pg, TestDb, tempdir};
+use futures_util::StreamExt;
+
+const HOSTS: usize = 4;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// p50 / p99 / max in milliseconds.
+fn summary(mut v: Vec<f64>) -> (f64, f64, f64, usize) {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    (at(0.50), at(0.99), *v.last().unwrap(), v.len())
+}
+
+fn fmt_ms(d: (f64, f64, f64, usize)) -> String {
+    format!(
+        "p50 {:6.2} ms   p99 {:6.2} ms   max {:7.2} ms   (n={})",
+        d.0, d.1, d.2, d.3
+    )
+}
+
+/// Settings for realistic hosts: the defaults, quieter logs.
+const REAL: &[(&str, &str)] = &[
+    ("TANDEM_SYNC_POLL_INTERVAL", "2s"),
+    ("TANDEM_CLUSTER_HEARTBEAT_INTERVAL", "5s"),
+    ("TANDEM_LOG_LEVEL", "info"),
+];
+
+/// Watches a directory with inotify and records when each `k<seq>` file is
+/// renamed into it.
+fn watch(dir: PathBuf, host: usize, seen: Arc<Mutex<HashMap<u64, [Option<Instant>; HOSTS]>>>) {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(
+        &fd,
+        &dir,
+        inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::CLOSE_WRITE,
+    )
+    .unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [MaybeUninit::<u8>::uninit(); 65536];
+        let mut reader = inotify::Reader::new(fd.as_fd(), &mut buf);
+        loop {
+            let Ok(event) = reader.next() else { return };
+            let now = Instant::now();
+            let Some(name) = event.file_name() else {
+                continue;
+            };
+            let Some(seq) = name
+                .to_str()
+                .ok()
+                .and_then(|n| n.strip_prefix('k'))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let mut seen = seen.lock().unwrap();
+            let slot = &mut seen.entry(seq).or_insert([None; HOSTS])[host];
+            slot.get_or_insert(now);
+        }
+    });
+}
+
+fn proc_stat(pid: i32) -> (f64, f64) {
+    // (CPU seconds, RSS MiB)
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    let cpu = (fields
+        .get(11)
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0))
+        / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    (cpu, rss_kb / 1024.0)
+}
+
+async fn queries(h: &Host) -> f64 {
+    let text = h
+        .http
+        .get(h.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("tandem_db_queries_total{"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// Runs wrk and returns (req/s, p50 ms, p99 ms).
+fn wrk(url: &str, secs: u64) -> (f64, f64, f64) {
+    let out = Command::new("wrk")
+        .args(["-t2", "-c32", &format!("-d{secs}s"), "--latency", url])
+        .output()
+        .expect("wrk is installed (scripts/install-test-deps.sh --bench)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    let pct = |p: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(p))
+            .map(|v| v.trim())
+            .map(|v| {
+                let (num, unit) =
+                    v.split_at(v.find(|c: char| c.is_alphabetic()).unwrap_or(v.len()));
+                let n: f64 = num.parse().unwrap_or(f64::NAN);
+                match unit {
+                    "us" => n / 1000.0,
+                    "ms" => n,
+                    "s" => n * 1000.0,
+                    _ => f64::NAN,
+                }
+            })
+            .unwrap_or(f64::NAN)
+    };
+    let errors = text
+        .lines()
+        .find(|l| l.contains("Non-2xx") || l.contains("Socket errors"));
+    if let Some(e) = errors {
+        println!("      wrk: {}", e.trim());
+    }
+    (rps, pct("50%"), pct("99%"))
+}
+
+fn start_nginx(root: &Path, dir: &Path) -> (std::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes auto;\ndaemon off;\nmaster_process on;\nuser root;\npid {dir}/nginx.pid;\n\
+             error_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
+             http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;\n\
+               client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
+               default_type application/octet-stream;\n\
+               server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }} }}\n",
+            dir = dir.display(),
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    let child = Command::new("nginx")
+        .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nginx is installed (scripts/install-test-deps.sh --bench)");
+    (child, port)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let secs = env_u64("BENCH_SECS", 20);
+    let rate = env_u64("BENCH_RATE", 500);
+    let idle_secs = env_u64("BENCH_IDLE_SECS", 20);
+    let pg = match std::env::var("TANDEM_BENCH_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Pg::from_url(&url),
+        _ => common::start_cluster(true),
+    };
+    let db = TestDb::on(&pg).await;
+    let root = tempdir();
+    println!(
+        "tandem sync benchmark: {HOSTS} hosts, PostgreSQL with fsync on, {} cores",
+        num_cpus()
+    );
+
+    let mut hosts = Vec::new();
+    for i in 0..HOSTS {
+        hosts.push(Host::start(&db.url, &format!("h{i}"), root.path(), REAL).await);
+    }
+    for h in &hosts {
+        h.wait_ready().await;
+    }
+    let admin = db.client().await;
+    admin
+        .batch_execute("CREATE TABLE app_events (id bigserial PRIMARY KEY, at timestamptz DEFAULT now(), body text)")
+        .await
+        .unwrap();
+
+    // Background: one write transaction open all along, and a stream of
+    // short unrelated write transactions.
+    let open_tx = db.client().await;
+    open_tx
+        .batch_execute(
+            "BEGIN; INSERT INTO app_events (body) VALUES ('held open for the whole run')",
+        )
+        .await
+        .unwrap();
+    let background_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = {
+        let client = db.client().await;
+        let stop = background_stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                client
+                    .batch_execute("INSERT INTO app_events (body) VALUES ('unrelated')")
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        })
+    };
+
+    // --- Floor: NOTIFY -> 4 listeners -> one SELECT each.
+    let floor_n = (rate * 5).min(2500);
+    let floor_seen: Arc<Mutex<HashMap<u64, [Option<Instant>; HOSTS]>>> = Arc::default();
+    for host in 0..HOSTS {
+        let (client, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut s = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+            while let Some(Ok(m)) = s.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                    let _ = tx.send(n.payload().to_string());
+                }
+            }
+        });
+        client.batch_execute("LISTEN bench_floor").await.unwrap();
+        let seen = floor_seen.clone();
+        tokio::spawn(async move {
+            let stmt = client.prepare("SELECT 1").await.unwrap();
+            while let Some(p) = rx.recv().await {
+                client.query_one(&stmt, &[]).await.unwrap();
+                let now = Instant::now();
+                if let Ok(seq) = p.parse::<u64>() {
+                    seen.lock().unwrap().entry(seq).or_insert([None; HOSTS])[host] = Some(now);
+                }
+            }
+        });
+    }
+    let notifier = db.client().await;
+    let notify = notifier
+        .prepare("SELECT pg_notify('bench_floor', $1)")
+        .await
+        .unwrap();
+    let mut floor_start = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
+    for seq in 0..floor_n {
+        tick.tick().await;
+        floor_start.insert(seq, Instant::now());
+        notifier
+            .query_one(&notify, &[&seq.to_string()])
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let floor: Vec<f64> = {
+        let seen = floor_seen.lock().unwrap();
+        floor_start
+            .iter()
+            .filter_map(|(seq, t0)| {
+                let all = seen.get(seq)?;
+                let last = all
+                    .iter()
+                    .map(|t| t.as_ref().copied())
+                    .collect::<Option<Vec<_>>>()?;
+                Some(last.into_iter().max()?.duration_since(*t0).as_secs_f64() * 1000.0)
+            })
+            .collect()
+    };
+
+    // --- tandem: app writers commit puts; watch every host's directory.
+    hosts[0].put("bench", "warmup", b"x", "?wait=cluster").await;
+    let seen: Arc<Mutex<HashMap<u64, [Option<Instant>; HOSTS]>>> = Arc::default();
+    for (i, h) in hosts.iter().enumerate() {
+        let generation = std::fs::read_link(h.cache_dir()).unwrap();
+        watch(generation.join("bench"), i, seen.clone());
+    }
+    let value = vec![b'v'; 1024];
+    let starts: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let total = secs * rate;
+    let writers = 4u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let client = db.client().await;
+        let (starts, value) = (starts.clone(), value.clone());
+        tasks.push(tokio::spawn(async move {
+            let stmt = client
+                .prepare("SELECT tandem.put('bench', $1, $2::bytea, 'application/octet-stream')")
+                .await
+                .unwrap();
+            let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 * writers / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut seq = w;
+            while seq < total {
+                tick.tick().await;
+                let key = format!("k{seq}");
+                starts.lock().unwrap().insert(seq, Instant::now());
+                client.execute(&stmt, &[&key, &value]).await.unwrap();
+                seq += writers;
+            }
+        }));
+    }
+    let run_started = Instant::now();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let achieved = total as f64 / run_started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (lat, per_host, missing) = {
+        let seen = seen.lock().unwrap();
+        let starts = starts.lock().unwrap();
+        let mut lat = Vec::new();
+        let mut per_host: Vec<Vec<f64>> = vec![Vec::new(); HOSTS];
+        let mut missing = 0;
+        for (seq, t0) in starts.iter() {
+            match seen.get(seq) {
+                Some(all) if all.iter().all(Option::is_some) => {
+                    let ms: Vec<f64> = all
+                        .iter()
+                        .map(|t| t.unwrap().saturating_duration_since(*t0).as_secs_f64() * 1000.0)
+                        .collect();
+                    for (i, m) in ms.iter().enumerate() {
+                        per_host[i].push(*m);
+                    }
+                    lat.push(ms.into_iter().fold(0.0, f64::max));
+                }
+                _ => missing += 1,
+            }
+        }
+        (lat, per_host, missing)
+    };
+    background_stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let unrelated = background.await.unwrap();
+    open_tx.batch_execute("COMMIT").await.unwrap();
+
+    println!();
+    println!(
+        "1. Propagation, commit -> applied on all {HOSTS} hosts ({achieved:.0} puts/s of 1 KiB for {secs}s;"
+    );
+    println!("   meanwhile {unrelated} unrelated write transactions and one held open throughout)");
+    println!("   tandem        {}", fmt_ms(summary(lat)));
+    println!(
+        "   floor         {}   (NOTIFY -> {HOSTS} listeners -> SELECT)",
+        fmt_ms(summary(floor))
+    );
+    for (i, v) in per_host.into_iter().enumerate() {
+        println!("     host h{i}    {}", fmt_ms(summary(v)));
+    }
+    if missing > 0 {
+        println!("   WARNING: {missing} writes not seen on every host");
+    }
+
+    // --- Idle cost.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut before = Vec::new();
+    for h in &hosts {
+        before.push((queries(h).await, proc_stat(h.pid().unwrap()).0));
+    }
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    println!();
+    println!("2. Idle cost per host over {idle_secs}s (defaults: 2s backstop poll, 5s heartbeat)");
+    for (i, h) in hosts.iter().enumerate() {
+        let q = (queries(h).await - before[i].0) / idle_secs as f64;
+        let (cpu, rss) = proc_stat(h.pid().unwrap());
+        let cpu_pct = (cpu - before[i].1) / idle_secs as f64 * 100.0;
+        println!("   h{i}: {q:.2} queries/s   CPU {cpu_pct:.2}%   RSS {rss:.1} MiB");
+    }
+
+    // --- Reads: tandem vs nginx on the same 1 KiB file.
+    hosts[0]
+        .put("bench", "read-1k", &value, "?wait=local")
+        .await;
+    let nginx_dir = tempdir();
+    let (mut nginx, port) = start_nginx(&hosts[0].cache_dir(), nginx_dir.path());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let nginx_url = format!("http://127.0.0.1:{port}/bench/read-1k");
+    let check = hosts[0].http.get(&nginx_url).send().await.unwrap();
+    assert_eq!(
+        check.bytes().await.unwrap().len(),
+        1024,
+        "nginx serves the file"
+    );
+    let tandem_url = hosts[0].url("/v1/cache/bench/read-1k");
+    let _ = wrk(&tandem_url, 2);
+    let _ = wrk(&nginx_url, 2);
+    let t = wrk(&tandem_url, 10);
+    let n = wrk(&nginx_url, 10);
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+    println!();
+    println!("3. Reads: GET of a 1 KiB value, wrk -t2 -c32 -d10s (same machine, same file)");
+    println!(
+        "   tandem   {:9.0} req/s   p50 {:.3} ms   p99 {:.3} ms",
+        t.0, t.1, t.2
+    );
+    println!(
+        "   nginx    {:9.0} req/s   p50 {:.3} ms   p99 {:.3} ms",
+        n.0, n.1, n.2
+    );
+    println!("   ratio    {:.2}x nginx", t.0 / n.0);
+
+    // --- Catch-up: h1 applies a 100,000-op backlog.
+    let backlog = 100_000u64;
+    let r = hosts[0]
+        .http
+        .delete(hosts[0].url("/v1/cache/bench?wait=cluster"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    hosts[1].stop().await;
+    let mut last_token = String::new();
+    for chunk in 0..(backlog / 1000) {
+        let row = admin
+            .query_one(
+                "SELECT max(tandem.put('backlog', 'k' || i, repeat('b', 1024))::text::bigint)::text \
+                 FROM generate_series($1::int, $1::int + 999) i",
+                &[&((chunk * 1000) as i32)],
+            )
+            .await
+            .unwrap();
+        last_token = row.get(0);
+    }
+    let started = Instant::now();
+    hosts[1].spawn().await;
+    let w = hosts[1]
+        .http
+        .get(hosts[1].url(&format!("/v1/wait?token={last_token}&timeout=300s")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(w.status(), 200);
+    let took = started.elapsed().as_secs_f64();
+    println!();
+    println!(
+        "4. Catch-up: one host applying a {backlog}-op backlog of 1 KiB puts (100 transactions)"
+    );
+    println!(
+        "   {:.2}s from process start   {:.0} ops/s",
+        took,
+        backlog as f64 / took
+    );
+
+    // --- Cold boot of 100,000 entries.
+    common::assert_converged(&db, &[&hosts[1]], Duration::from_secs(60)).await;
+    let r = hosts[1]
+        .http
+        .post(hosts[1].url("/v1/resync"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let started = Instant::now();
+    common::eventually("cold boot", Duration::from_secs(300), || async {
+        hosts[1]
+            .metric("tandem_sync_cold_boots_total{reason=\"requested\"}")
+            .await
+            == Some(1.0)
+    })
+    .await;
+    let wall = started.elapsed().as_secs_f64();
+    let internal = hosts[1]
+        .metric("tandem_sync_cold_boot_duration_seconds_sum")
+        .await
+        .unwrap();
+    let entries = hosts[1].metric("tandem_cache_entries").await.unwrap();
+    println!();
+    println!("5. Cold boot: {entries} entries of 1 KiB into a fresh generation, swapped in");
+    println!("   {internal:.2}s (tandem's own measure; {wall:.2}s as seen from outside)");
+    println!();
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
