@@ -6,10 +6,13 @@
 //! 1. Propagation: 4 hosts on one PostgreSQL (fsync on), app writers commit
 //!    1 KiB puts at 500/s while the database also runs unrelated short write
 //!    transactions and one unrelated write transaction stays open all along.
-//!    Latency is from just before the writer sends its (autocommit) write to
-//!    the moment the file appears in each host's cache directory (inotify);
-//!    a write counts when it is on every host. The floor beside it: a bare
-//!    NOTIFY to 4 listeners that each run one SELECT, same clock, same load.
+//!    Latency ends when the file appears in a host's cache directory
+//!    (inotify); a write counts when it is on every host. It is measured
+//!    from the commit's acknowledgement (when the app knows it committed;
+//!    a host may apply slightly before, counted as 0) and, more
+//!    conservatively, from the moment the write was sent (which includes the
+//!    commit's own WAL flush). The floor beside it: a bare NOTIFY to 4
+//!    listeners that each run one SELECT, on the same clocks, same load.
 //! 2. Idle cost per host: queries/s, CPU, RSS.
 //! 3. Reads: `wrk` at 32 connections on GET of a 1 KiB value, tandem vs nginx
 //!    serving the same file from the cache directory.
@@ -72,7 +75,7 @@ fn watch(dir: PathBuf, host: usize, seen: Arc<Mutex<HashMap<u64, [Option<Instant
     inotify::add_watch(
         &fd,
         &dir,
-        inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::CLOSE_WRITE,
+        inotify::WatchFlags::MOVED_TO | inotify::WatchFlags::CREATE,
     )
     .unwrap();
     std::thread::spawn(move || {
@@ -211,11 +214,13 @@ fn start_nginx(root: &Path, dir: &Path) -> (std::process::Child, u16) {
     (child, port)
 }
 
+/// Which phases to run: `BENCH_PHASES=1,3` (default: all).
+fn phase(n: u32) -> bool {
+    std::env::var("BENCH_PHASES").map_or(true, |v| v.split(',').any(|p| p.trim() == n.to_string()))
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let secs = env_u64("BENCH_SECS", 20);
-    let rate = env_u64("BENCH_RATE", 500);
-    let idle_secs = env_u64("BENCH_IDLE_SECS", 20);
     let pg = match std::env::var("TANDEM_BENCH_DATABASE_URL") {
         Ok(url) if !url.is_empty() => Pg::from_url(&url),
         _ => common::start_cluster(true),
@@ -226,7 +231,6 @@ async fn main() {
         "tandem sync benchmark: {HOSTS} hosts, PostgreSQL with fsync on, {} cores",
         num_cpus()
     );
-
     let mut hosts = Vec::new();
     for i in 0..HOSTS {
         hosts.push(Host::start(&db.url, &format!("h{i}"), root.path(), REAL).await);
@@ -234,6 +238,35 @@ async fn main() {
     for h in &hosts {
         h.wait_ready().await;
     }
+    if phase(1) {
+        propagation(&db, &hosts).await;
+    }
+    if phase(2) {
+        idle(&hosts).await;
+    }
+    if phase(3) {
+        reads(&hosts[0]).await;
+    }
+    if phase(4) || phase(5) {
+        // One host alone: the others would apply the same backlog on the
+        // same two cores meanwhile.
+        for (i, h) in hosts.iter_mut().enumerate() {
+            if i != 1 {
+                h.stop().await;
+            }
+        }
+        catch_up(&db, &mut hosts[1]).await;
+    }
+    if phase(5) {
+        cold_boot(&db, &hosts[1]).await;
+    }
+    println!();
+}
+
+/// Phase 1: commit -> applied on every host, beside the NOTIFY floor.
+async fn propagation(db: &TestDb, hosts: &[Host]) {
+    let secs = env_u64("BENCH_SECS", 20);
+    let rate = env_u64("BENCH_RATE", 500);
     let admin = db.client().await;
     admin
         .batch_execute("CREATE TABLE app_events (id bigserial PRIMARY KEY, at timestamptz DEFAULT now(), body text)")
@@ -268,9 +301,9 @@ async fn main() {
         })
     };
 
-    // --- Floor: NOTIFY -> 4 listeners -> one SELECT each.
+    // The floor: NOTIFY -> 4 listeners -> one SELECT each.
     let floor_n = (rate * 5).min(2500);
-    let floor_seen: Arc<Mutex<HashMap<u64, [Option<Instant>; HOSTS]>>> = Arc::default();
+    let floor_seen: Arc<Mutex<Seen>> = Arc::default();
     for host in 0..HOSTS {
         let (client, mut conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
             .await
@@ -306,37 +339,25 @@ async fn main() {
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     for seq in 0..floor_n {
         tick.tick().await;
-        floor_start.insert(seq, Instant::now());
+        let sent = Instant::now();
         notifier
             .query_one(&notify, &[&seq.to_string()])
             .await
             .unwrap();
+        floor_start.insert(seq, (sent, Instant::now()));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let floor: Vec<f64> = {
-        let seen = floor_seen.lock().unwrap();
-        floor_start
-            .iter()
-            .filter_map(|(seq, t0)| {
-                let all = seen.get(seq)?;
-                let last = all
-                    .iter()
-                    .map(|t| t.as_ref().copied())
-                    .collect::<Option<Vec<_>>>()?;
-                Some(last.into_iter().max()?.duration_since(*t0).as_secs_f64() * 1000.0)
-            })
-            .collect()
-    };
+    let (floor_sent, floor_acked) = latencies(&floor_seen.lock().unwrap(), &floor_start).0;
 
-    // --- tandem: app writers commit puts; watch every host's directory.
+    // tandem: app writers commit puts; watch every host's directory.
     hosts[0].put("bench", "warmup", b"x", "?wait=cluster").await;
-    let seen: Arc<Mutex<HashMap<u64, [Option<Instant>; HOSTS]>>> = Arc::default();
+    let seen: Arc<Mutex<Seen>> = Arc::default();
     for (i, h) in hosts.iter().enumerate() {
         let generation = std::fs::read_link(h.cache_dir()).unwrap();
         watch(generation.join("bench"), i, seen.clone());
     }
     let value = vec![b'v'; 1024];
-    let starts: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let starts: Arc<Mutex<HashMap<u64, (Instant, Instant)>>> = Arc::default();
     let total = secs * rate;
     let writers = 4u64;
     let mut tasks = Vec::new();
@@ -354,8 +375,9 @@ async fn main() {
             while seq < total {
                 tick.tick().await;
                 let key = format!("k{seq}");
-                starts.lock().unwrap().insert(seq, Instant::now());
+                let sent = Instant::now();
                 client.execute(&stmt, &[&key, &value]).await.unwrap();
+                starts.lock().unwrap().insert(seq, (sent, Instant::now()));
                 seq += writers;
             }
         }));
@@ -366,29 +388,8 @@ async fn main() {
     }
     let achieved = total as f64 / run_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (lat, per_host, missing) = {
-        let seen = seen.lock().unwrap();
-        let starts = starts.lock().unwrap();
-        let mut lat = Vec::new();
-        let mut per_host: Vec<Vec<f64>> = vec![Vec::new(); HOSTS];
-        let mut missing = 0;
-        for (seq, t0) in starts.iter() {
-            match seen.get(seq) {
-                Some(all) if all.iter().all(Option::is_some) => {
-                    let ms: Vec<f64> = all
-                        .iter()
-                        .map(|t| t.unwrap().saturating_duration_since(*t0).as_secs_f64() * 1000.0)
-                        .collect();
-                    for (i, m) in ms.iter().enumerate() {
-                        per_host[i].push(*m);
-                    }
-                    lat.push(ms.into_iter().fold(0.0, f64::max));
-                }
-                _ => missing += 1,
-            }
-        }
-        (lat, per_host, missing)
-    };
+    let ((sent, acked), per_host, missing) =
+        latencies(&seen.lock().unwrap(), &starts.lock().unwrap());
     background_stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let unrelated = background.await.unwrap();
     open_tx.batch_execute("COMMIT").await.unwrap();
@@ -398,22 +399,30 @@ async fn main() {
         "1. Propagation, commit -> applied on all {HOSTS} hosts ({achieved:.0} puts/s of 1 KiB for {secs}s;"
     );
     println!("   meanwhile {unrelated} unrelated write transactions and one held open throughout)");
-    println!("   tandem        {}", fmt_ms(summary(lat)));
+    println!("   from commit acknowledged:");
+    println!("     tandem      {}", fmt_ms(summary(acked)));
     println!(
-        "   floor         {}   (NOTIFY -> {HOSTS} listeners -> SELECT)",
-        fmt_ms(summary(floor))
+        "     floor       {}   (NOTIFY -> {HOSTS} listeners -> SELECT)",
+        fmt_ms(summary(floor_acked))
     );
+    println!("   from write sent (includes the commit's WAL flush; the floor's NOTIFY has none):");
+    println!("     tandem      {}", fmt_ms(summary(sent)));
+    println!("     floor       {}", fmt_ms(summary(floor_sent)));
+    println!("   each host, from commit acknowledged:");
     for (i, v) in per_host.into_iter().enumerate() {
-        println!("     host h{i}    {}", fmt_ms(summary(v)));
+        println!("     h{i}          {}", fmt_ms(summary(v)));
     }
     if missing > 0 {
         println!("   WARNING: {missing} writes not seen on every host");
     }
+}
 
-    // --- Idle cost.
+/// Phase 2: what an idle host costs.
+async fn idle(hosts: &[Host]) {
+    let idle_secs = env_u64("BENCH_IDLE_SECS", 20);
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut before = Vec::new();
-    for h in &hosts {
+    for h in hosts {
         before.push((queries(h).await, proc_stat(h.pid().unwrap()).0));
     }
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
@@ -425,27 +434,32 @@ async fn main() {
         let cpu_pct = (cpu - before[i].1) / idle_secs as f64 * 100.0;
         println!("   h{i}: {q:.2} queries/s   CPU {cpu_pct:.2}%   RSS {rss:.1} MiB");
     }
+}
 
-    // --- Reads: tandem vs nginx on the same 1 KiB file.
-    hosts[0]
-        .put("bench", "read-1k", &value, "?wait=local")
+/// Phase 3: GET of a 1 KiB value, tandem vs nginx on the same file.
+async fn reads(host: &Host) {
+    host.put("bench", "read-1k", &[b'v'; 1024], "?wait=local")
         .await;
     let nginx_dir = tempdir();
-    let (mut nginx, port) = start_nginx(&hosts[0].cache_dir(), nginx_dir.path());
+    let (mut nginx, port) = start_nginx(&host.cache_dir(), nginx_dir.path());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let nginx_url = format!("http://127.0.0.1:{port}/bench/read-1k");
-    let check = hosts[0].http.get(&nginx_url).send().await.unwrap();
+    let check = host.http.get(&nginx_url).send().await.unwrap();
     assert_eq!(
         check.bytes().await.unwrap().len(),
         1024,
         "nginx serves the file"
     );
-    let tandem_url = hosts[0].url("/v1/cache/bench/read-1k");
+    let tandem_url = host.url("/v1/cache/bench/read-1k");
     let _ = wrk(&tandem_url, 2);
     let _ = wrk(&nginx_url, 2);
     let t = wrk(&tandem_url, 10);
     let n = wrk(&nginx_url, 10);
-    let _ = nginx.kill();
+    // SIGQUIT: nginx's graceful stop, which also ends its workers.
+    let _ = Command::new("kill")
+        .arg("-QUIT")
+        .arg(nginx.id().to_string())
+        .status();
     let _ = nginx.wait();
     println!();
     println!("3. Reads: GET of a 1 KiB value, wrk -t2 -c32 -d10s (same machine, same file)");
@@ -458,17 +472,21 @@ async fn main() {
         n.0, n.1, n.2
     );
     println!("   ratio    {:.2}x nginx", t.0 / n.0);
+}
 
-    // --- Catch-up: h1 applies a 100,000-op backlog.
+/// Phase 4: one host applies a 100,000-op backlog written while it was down.
+async fn catch_up(db: &TestDb, host: &mut Host) {
     let backlog = 100_000u64;
-    let r = hosts[0]
+    let admin = db.client().await;
+    // Exactly the backlog in the cache afterwards (for phase 5).
+    let r = host
         .http
-        .delete(hosts[0].url("/v1/cache/bench?wait=cluster"))
+        .delete(host.url("/v1/cache/bench?wait=local"))
         .send()
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    hosts[1].stop().await;
+    host.stop().await;
     let mut last_token = String::new();
     for chunk in 0..(backlog / 1000) {
         let row = admin
@@ -482,15 +500,23 @@ async fn main() {
         last_token = row.get(0);
     }
     let started = Instant::now();
-    hosts[1].spawn().await;
-    let w = hosts[1]
+    host.spawn().await;
+    let w = host
         .http
-        .get(hosts[1].url(&format!("/v1/wait?token={last_token}&timeout=300s")))
+        .get(host.url(&format!("/v1/wait?token={last_token}&timeout=300s")))
         .send()
         .await
         .unwrap();
     assert_eq!(w.status(), 200);
     let took = started.elapsed().as_secs_f64();
+    let cold = host
+        .metric("tandem_sync_cold_boot_duration_seconds_count")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        cold, 0.0,
+        "the restarted host cold-booted instead of catching up"
+    );
     println!();
     println!(
         "4. Catch-up: one host applying a {backlog}-op backlog of 1 KiB puts (100 transactions)"
@@ -500,34 +526,68 @@ async fn main() {
         took,
         backlog as f64 / took
     );
+}
 
-    // --- Cold boot of 100,000 entries.
-    common::assert_converged(&db, &[&hosts[1]], Duration::from_secs(60)).await;
-    let r = hosts[1]
-        .http
-        .post(hosts[1].url("/v1/resync"))
-        .send()
+/// Phase 5: a cold boot of the host's whole cache.
+async fn cold_boot(db: &TestDb, host: &Host) {
+    common::assert_converged(db, &[host], Duration::from_secs(60)).await;
+    let before = host
+        .metric("tandem_sync_cold_boot_duration_seconds_count")
         .await
-        .unwrap();
+        .unwrap_or(0.0);
+    let r = host.http.post(host.url("/v1/resync")).send().await.unwrap();
     assert_eq!(r.status(), 202);
     let started = Instant::now();
+    // Counted at the start, timed at the end: wait for the timing.
     common::eventually("cold boot", Duration::from_secs(300), || async {
-        hosts[1]
-            .metric("tandem_sync_cold_boots_total{reason=\"requested\"}")
+        host.metric("tandem_sync_cold_boot_duration_seconds_count")
             .await
-            == Some(1.0)
+            == Some(before + 1.0)
     })
     .await;
     let wall = started.elapsed().as_secs_f64();
-    let internal = hosts[1]
+    let internal = host
         .metric("tandem_sync_cold_boot_duration_seconds_sum")
         .await
         .unwrap();
-    let entries = hosts[1].metric("tandem_cache_entries").await.unwrap();
+    let entries = host.metric("tandem_cache_entries").await.unwrap();
     println!();
     println!("5. Cold boot: {entries} entries of 1 KiB into a fresh generation, swapped in");
     println!("   {internal:.2}s (tandem's own measure; {wall:.2}s as seen from outside)");
-    println!();
+}
+
+type Seen = HashMap<u64, [Option<Instant>; HOSTS]>;
+
+/// Latencies (ms) to the last host: (from sent, from acknowledged), the
+/// per-host latencies from acknowledged, and how many were not seen on
+/// every host.
+#[allow(clippy::type_complexity)]
+fn latencies(
+    seen: &Seen,
+    starts: &HashMap<u64, (Instant, Instant)>,
+) -> ((Vec<f64>, Vec<f64>), Vec<Vec<f64>>, usize) {
+    let ms = |later: Instant, earlier: Instant| {
+        later.saturating_duration_since(earlier).as_secs_f64() * 1000.0
+    };
+    let (mut sent, mut acked) = (Vec::new(), Vec::new());
+    let mut per_host: Vec<Vec<f64>> = vec![Vec::new(); HOSTS];
+    let mut missing = 0;
+    for (seq, (t_sent, t_acked)) in starts {
+        let Some(all) = seen
+            .get(seq)
+            .and_then(|all| all.iter().copied().collect::<Option<Vec<_>>>())
+        else {
+            missing += 1;
+            continue;
+        };
+        for (i, t) in all.iter().enumerate() {
+            per_host[i].push(ms(*t, *t_acked));
+        }
+        let last = *all.iter().max().expect("HOSTS > 0");
+        sent.push(ms(last, *t_sent));
+        acked.push(ms(last, *t_acked));
+    }
+    ((sent, acked), per_host, missing)
 }
 
 fn num_cpus() -> usize {

@@ -87,6 +87,22 @@ fn init_tracing(config: &Config) {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: a batch of new
+/// keys holds a descriptor per staged value until it is committed.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -156,6 +172,7 @@ fn main() -> ExitCode {
                 Err(code) => return code,
             };
             init_tracing(&config);
+            raise_fd_limit();
             let result = runtime().block_on(async {
                 let listeners = bind(&config).await?;
                 tandem::run(config, listeners, shutdown_signal()).await

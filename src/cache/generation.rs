@@ -1,12 +1,18 @@
 //! One cache generation: a directory `<data_dir>/generations/g-NNNNNN`
 //! holding `<cache>/<encoded key>` files, written only by the applier.
 //!
-//! Writes are atomic and durable per batch: a value is written to a temp file
-//! in `.tmp/` (same filesystem), and at [`Generation::commit`] the temp files
-//! are flushed to disk (fsync each, or one `syncfs` for larger batches), then
-//! renamed into place, then the touched directories are fsynced. A reader
-//! therefore only ever sees a whole old file or a whole new one, and after a
-//! crash the disk holds whole files only.
+//! Writes are atomic and durable per batch: a value is written to a file
+//! no reader can see, and at [`Generation::commit`] those files are flushed
+//! to disk (fsync each, or one `syncfs` for larger batches), then put in
+//! place, then the touched directories are fsynced. A reader therefore only
+//! ever sees a whole old file or a whole new one, and after a crash the disk
+//! holds whole files only.
+//!
+//! The invisible file is, where the filesystem allows, an unnamed one
+//! (`O_TMPFILE` in the destination directory) that is linked into place:
+//! one directory operation for a new key. When the key already exists (or
+//! the filesystem lacks `O_TMPFILE`) it is a named file in `.tmp/` renamed
+//! over the old one.
 
 use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
@@ -30,6 +36,11 @@ const SYNCFS_THRESHOLD: usize = 8;
 /// use within one large batch).
 const MAX_STAGED_BYTES: u64 = 64 << 20;
 
+/// While building a generation, flush every this many files. Without it,
+/// filesystems without a journal (ext4 `^has_journal`) slow down inode
+/// allocation more and more as dirty inode-table blocks pile up.
+const BUILD_FLUSH_EVERY: u64 = 8192;
+
 /// A generation directory open for writing.
 pub struct Generation {
     name: String,
@@ -46,15 +57,22 @@ pub struct Generation {
     /// The in-memory copies to invalidate when a file changes (the live
     /// generation only).
     memory: Option<std::sync::Arc<ValueCache>>,
+    /// Whether unnamed files (`O_TMPFILE`) work here.
+    unnamed: bool,
+    /// Unnamed files staged (each holds a descriptor) and the cap on them.
+    open_unnamed: usize,
+    max_unnamed: usize,
 }
 
 struct Staged {
-    tmp: PathBuf,
     dest: PathBuf,
     cache: String,
     key: String,
-    /// Kept open for small stages, to fsync without reopening.
+    /// The file, kept open: always for unnamed files, for named ones only
+    /// in small stages (to fsync without reopening).
     file: Option<File>,
+    /// The named temp file in `.tmp/`; `None` for an unnamed file.
+    tmp: Option<PathBuf>,
 }
 
 impl Generation {
@@ -72,6 +90,13 @@ impl Generation {
             let _ = fs::remove_file(entry?.path());
         }
         let xattrs = probe_xattrs(&tmp);
+        let unnamed = probe_unnamed(&tmp);
+        let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+            .current
+            .unwrap_or(u64::MAX);
+        let max_unnamed = usize::try_from(soft / 4)
+            .unwrap_or(usize::MAX)
+            .clamp(16, 4096);
         Ok(Self {
             name,
             root,
@@ -83,6 +108,9 @@ impl Generation {
             xattrs,
             entry_delta: 0,
             memory: None,
+            unnamed,
+            open_unnamed: 0,
+            max_unnamed,
         })
     }
 
@@ -118,22 +146,57 @@ impl Generation {
         content_type: &str,
     ) -> io::Result<()> {
         let dest = self.dest(cache, key);
-        let tmp = self.tmp.join(self.next_tmp.to_string());
-        self.next_tmp += 1;
-        let file = write_file(&tmp, value, content_type, self.xattrs)?;
-        let file = (self.staged.len() < SYNCFS_THRESHOLD).then_some(file);
+        let (file, tmp) = match self.stage_unnamed(&dest, value, content_type)? {
+            Some(file) => (Some(file), None),
+            None => {
+                let tmp = self.tmp.join(self.next_tmp.to_string());
+                self.next_tmp += 1;
+                let file = write_file(&tmp, value, content_type, self.xattrs)?;
+                let small = self.staged.len() < SYNCFS_THRESHOLD;
+                (small.then_some(file), Some(tmp))
+            }
+        };
         self.staged.push(Staged {
-            tmp,
             dest,
             cache: cache.to_string(),
             key: key.to_string(),
             file,
+            tmp,
         });
         self.staged_bytes += value.len() as u64;
         if self.staged_bytes > MAX_STAGED_BYTES {
             self.flush_staged()?;
         }
         Ok(())
+    }
+
+    /// Writes `value` into an unnamed file in `dest`'s directory, when
+    /// possible.
+    fn stage_unnamed(
+        &mut self,
+        dest: &Path,
+        value: &[u8],
+        content_type: &str,
+    ) -> io::Result<Option<File>> {
+        if !self.unnamed || self.open_unnamed >= self.max_unnamed {
+            return Ok(None);
+        }
+        let parent = dest.parent().expect("dest has a parent");
+        if !parent.is_dir() {
+            create_dirs(parent, &self.root, &mut self.dirty_dirs)?;
+        }
+        let Ok(fd) = rustix::fs::open(
+            parent,
+            rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        ) else {
+            return Ok(None);
+        };
+        let mut file = File::from(fd);
+        file.write_all(value)?;
+        set_content_type(&file, dest, content_type, self.xattrs);
+        self.open_unnamed += 1;
+        Ok(Some(file))
     }
 
     /// Writes a value straight to its place, without durability: for
@@ -157,6 +220,9 @@ impl Generation {
         };
         drop(result?);
         self.entry_delta += 1;
+        if (self.entry_delta as u64).is_multiple_of(BUILD_FLUSH_EVERY) {
+            rustix::fs::syncfs(File::open(&self.root)?)?;
+        }
         Ok(())
     }
 
@@ -218,6 +284,17 @@ impl Generation {
         Ok(n)
     }
 
+    /// Makes every staged write visible (durable files, not yet durable
+    /// directory entries: see [`Self::take_dirty_dirs`]).
+    pub fn publish(&mut self) -> io::Result<()> {
+        self.flush_staged()
+    }
+
+    /// The directories changed since the last call, to fsync.
+    pub fn take_dirty_dirs(&mut self) -> BTreeSet<PathBuf> {
+        std::mem::take(&mut self.dirty_dirs)
+    }
+
     /// Makes every staged write visible and every change durable.
     pub fn commit(&mut self) -> io::Result<()> {
         self.flush_staged()?;
@@ -242,8 +319,11 @@ impl Generation {
     /// Drops staged writes (after a failed batch, which will be read again).
     pub fn discard_staged(&mut self) {
         for s in std::mem::take(&mut self.staged) {
-            let _ = fs::remove_file(&s.tmp);
+            if let Some(tmp) = &s.tmp {
+                let _ = fs::remove_file(tmp);
+            }
         }
+        self.open_unnamed = 0;
         self.staged_bytes = 0;
     }
 
@@ -260,29 +340,72 @@ impl Generation {
             rustix::fs::syncfs(File::open(&self.tmp)?)?;
         } else {
             for s in &self.staged {
-                match &s.file {
-                    Some(f) => f.sync_data()?,
-                    None => File::open(&s.tmp)?.sync_data()?,
+                match (&s.file, &s.tmp) {
+                    (Some(f), _) => f.sync_data()?,
+                    (None, Some(tmp)) => File::open(tmp)?.sync_data()?,
+                    (None, None) => unreachable!("unnamed files stay open"),
                 }
             }
         }
         for s in std::mem::take(&mut self.staged) {
-            let existed = fs::symlink_metadata(&s.dest).is_ok();
             let parent = s.dest.parent().expect("dest has a parent").to_path_buf();
-            if !existed && !parent.is_dir() {
-                create_dirs(&parent, &self.root, &mut self.dirty_dirs)?;
-            }
-            fs::rename(&s.tmp, &s.dest)?;
+            let created = match (&s.tmp, &s.file) {
+                (None, Some(file)) => self.link_unnamed(file, &s.dest)?,
+                (Some(tmp), _) => {
+                    let existed = fs::symlink_metadata(&s.dest).is_ok();
+                    if !existed && !parent.is_dir() {
+                        create_dirs(&parent, &self.root, &mut self.dirty_dirs)?;
+                    }
+                    fs::rename(tmp, &s.dest)?;
+                    !existed
+                }
+                (None, None) => unreachable!("unnamed files stay open"),
+            };
             if let Some(m) = &self.memory {
                 m.invalidate(&s.cache, &s.key);
             }
-            if !existed {
+            if created {
                 self.entry_delta += 1;
             }
             self.dirty_dirs.insert(parent);
         }
+        self.open_unnamed = 0;
         self.staged_bytes = 0;
         Ok(())
+    }
+
+    /// Puts a flushed unnamed file in place. True when the key is new.
+    fn link_unnamed(&mut self, file: &File, dest: &Path) -> io::Result<bool> {
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(file));
+        let link = |to: &Path| {
+            rustix::fs::linkat(
+                rustix::fs::CWD,
+                proc.as_str(),
+                rustix::fs::CWD,
+                to,
+                rustix::fs::AtFlags::SYMLINK_FOLLOW,
+            )
+        };
+        match link(dest) {
+            Ok(()) => Ok(true),
+            Err(rustix::io::Errno::EXIST) => {
+                // Replace atomically: give it a name, rename that over.
+                let tmp = self.tmp.join(self.next_tmp.to_string());
+                self.next_tmp += 1;
+                link(&tmp)?;
+                fs::rename(&tmp, dest)?;
+                Ok(false)
+            }
+            Err(rustix::io::Errno::NOENT) => {
+                // Its directory went away (the last long key under it was
+                // deleted in this batch): recreate it and link again.
+                let parent = dest.parent().expect("dest has a parent");
+                create_dirs(parent, &self.root, &mut self.dirty_dirs)?;
+                link(dest)?;
+                Ok(true)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -290,10 +413,16 @@ impl Generation {
 fn write_file(path: &Path, value: &[u8], content_type: &str, xattrs: bool) -> io::Result<File> {
     let mut f = File::create(path)?;
     f.write_all(value)?;
+    set_content_type(&f, path, content_type, xattrs);
+    Ok(f)
+}
+
+/// Keeps the content type in an xattr (absent means the default).
+fn set_content_type(f: &File, path: &Path, content_type: &str, xattrs: bool) {
     if xattrs
         && content_type != DEFAULT_CONTENT_TYPE
         && let Err(e) = rustix::fs::fsetxattr(
-            &f,
+            f,
             CONTENT_TYPE_XATTR,
             content_type.as_bytes(),
             rustix::fs::XattrFlags::empty(),
@@ -307,7 +436,30 @@ fn write_file(path: &Path, value: &[u8], content_type: &str, xattrs: bool) -> io
             "cannot keep the content type; it will be served as application/octet-stream"
         );
     }
-    Ok(f)
+}
+
+/// Whether unnamed files can be made in `dir` and linked into place.
+fn probe_unnamed(dir: &Path) -> bool {
+    let link = dir.join("unnamed-probe");
+    let _ = fs::remove_file(&link);
+    let ok = rustix::fs::open(
+        dir,
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .and_then(|fd| {
+        let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc.as_str(),
+            rustix::fs::CWD,
+            &link,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+    })
+    .is_ok();
+    let _ = fs::remove_file(&link);
+    ok
 }
 
 /// Whether the filesystem under `dir` keeps user xattrs.
@@ -492,6 +644,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let g = Generation::open(dir.path().join("g-000001")).unwrap();
         (dir, g)
+    }
+
+    /// The same generation, with named temp files only (as on filesystems
+    /// without `O_TMPFILE`).
+    fn named_only() -> (tempfile::TempDir, Generation) {
+        let (d, mut g) = generation();
+        g.unnamed = false;
+        (d, g)
+    }
+
+    #[test]
+    fn both_staging_paths_write_whole_files() {
+        for (d, mut g) in [generation(), named_only()] {
+            let long = "y/".repeat(200);
+            for round in 0..3u8 {
+                // new keys, overwrites, a long key whose directories come and go
+                for k in ["a", "b", long.as_str()] {
+                    g.put("c", k, &[round; 100], "text/plain").unwrap();
+                }
+                g.commit().unwrap();
+                g.delete("c", &long).unwrap();
+                g.commit().unwrap();
+                g.put("c", &long, &[round; 7], DEFAULT_CONTENT_TYPE)
+                    .unwrap();
+                g.commit().unwrap();
+            }
+            let mut keys = g.keys("c").unwrap();
+            keys.sort();
+            assert_eq!(keys.len(), 3);
+            assert_eq!(
+                read_value(&g.root().join("c/a")).unwrap().unwrap().0,
+                vec![2; 100]
+            );
+            assert_eq!(g.take_entry_delta(), 3);
+            assert_eq!(fs::read_dir(g.root().join(".tmp")).unwrap().count(), 0);
+            drop(d);
+        }
     }
 
     #[test]

@@ -2,18 +2,20 @@
 //! bounded channel so that rows stream from the database to disk without
 //! piling up in memory and file I/O never runs on the async workers.
 //!
-//! A batch is a sequence of [`Applier::put`], [`Applier::delete`] and clear
-//! calls followed by [`Applier::commit`], which makes the batch durable and
-//! then (only then) writes the local position. A failure inside a batch is
-//! remembered and reported by the commit, which then writes no position, so
-//! the batch is read again later.
+//! A batch is a sequence of [`Applier::apply`] calls followed by
+//! [`Applier::commit`], which makes the batch's files durable and visible,
+//! then hands the directory fsyncs and the position to the recorder
+//! ([`super::record`]), which writes the position only once the directories
+//! are durable. A failure inside a batch is remembered and reported by the
+//! commit, which then records no position, so the batch is read again.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::position::{LocalState, StateFile};
+use super::record::Recorder;
 use crate::cache::{CacheDir, Generation};
 
 /// What a committed batch did.
@@ -37,6 +39,64 @@ pub struct ApplyError {
 
 type Job = Box<dyn FnOnce(&mut Local) + Send>;
 
+/// One change to the current generation.
+#[derive(Debug)]
+pub enum Change {
+    /// Write a value. `cleared` marks an entry of a cache cleared in this
+    /// batch: one of the keys that stay.
+    Put {
+        cache: String,
+        key: String,
+        value: Vec<u8>,
+        content_type: String,
+        cleared: bool,
+    },
+    /// Remove a key.
+    Delete { cache: String, key: String },
+    /// Clear a cache: at commit, every key of it not put with `cleared` in
+    /// this batch is removed.
+    Clear { cache: String },
+}
+
+impl Change {
+    /// Bytes it carries (to size chunks).
+    pub fn weight(&self) -> usize {
+        match self {
+            Change::Put { value, key, .. } => value.len() + key.len(),
+            Change::Delete { key, .. } => key.len(),
+            Change::Clear { .. } => 0,
+        }
+    }
+}
+
+fn apply_one(l: &mut Local, change: Change) {
+    match change {
+        Change::Put {
+            cache,
+            key,
+            value,
+            content_type,
+            cleared,
+        } => {
+            if cleared {
+                l.keep.entry(cache.clone()).or_default().insert(key.clone());
+            }
+            match l.current.put(&cache, &key, &value, &content_type) {
+                Ok(()) => l.applied.puts += 1,
+                Err(e) => l.fail(|| format!("cannot write {cache}/{key}"), e),
+            }
+        }
+        Change::Delete { cache, key } => match l.current.delete(&cache, &key) {
+            Ok(()) => l.applied.deletes += 1,
+            Err(e) => l.fail(|| format!("cannot delete {cache}/{key}"), e),
+        },
+        Change::Clear { cache } => {
+            l.keep.entry(cache).or_default();
+            l.applied.clears += 1;
+        }
+    }
+}
+
 /// The thread's state.
 struct Local {
     dir: CacheDir,
@@ -45,7 +105,7 @@ struct Local {
     building: Option<Generation>,
     /// Caches being cleared in this batch, with the keys that stay.
     keep: HashMap<String, HashSet<String>>,
-    state_file: StateFile,
+    recorder: Recorder,
     applied: Applied,
     failed: Option<ApplyError>,
     entries: u64,
@@ -88,7 +148,7 @@ impl Applier {
             current,
             building: None,
             keep: HashMap::new(),
-            state_file,
+            recorder: Recorder::start(state_file),
             applied: Applied::default(),
             failed: None,
             entries: 0,
@@ -133,51 +193,19 @@ impl Applier {
         self.call(|l| l.entries).await
     }
 
-    /// Writes a value (part of the current batch). `cleared` marks an entry
-    /// of a cache cleared in this batch: it is one of the keys that stay.
-    pub async fn put(
-        &self,
-        cache: String,
-        key: String,
-        value: Vec<u8>,
-        content_type: String,
-        cleared: bool,
-    ) {
+    /// Applies changes (part of the current batch). Changes travel to the
+    /// thread in chunks: one hand-over per row would cost more than the row.
+    pub async fn apply(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
         self.send(Box::new(move |l| {
-            if l.failed.is_some() {
-                return;
+            for change in changes {
+                if l.failed.is_some() {
+                    return;
+                }
+                apply_one(l, change);
             }
-            if cleared {
-                l.keep.entry(cache.clone()).or_default().insert(key.clone());
-            }
-            match l.current.put(&cache, &key, &value, &content_type) {
-                Ok(()) => l.applied.puts += 1,
-                Err(e) => l.fail(|| format!("cannot write {cache}/{key}"), e),
-            }
-        }))
-        .await;
-    }
-
-    /// Removes a key (part of the current batch).
-    pub async fn delete(&self, cache: String, key: String) {
-        self.send(Box::new(move |l| {
-            if l.failed.is_some() {
-                return;
-            }
-            match l.current.delete(&cache, &key) {
-                Ok(()) => l.applied.deletes += 1,
-                Err(e) => l.fail(|| format!("cannot delete {cache}/{key}"), e),
-            }
-        }))
-        .await;
-    }
-
-    /// Clears a cache: at commit, every key of it not put with `cleared` in
-    /// this batch is removed.
-    pub async fn clear(&self, cache: String) {
-        self.send(Box::new(move |l| {
-            l.keep.entry(cache).or_default();
-            l.applied.clears += 1;
         }))
         .await;
     }
@@ -222,9 +250,8 @@ impl Applier {
             l.current.discard_staged();
             let delta = l.current.take_entry_delta();
             l.entries = l.entries.saturating_add_signed(delta);
-            if let Err(e) = l.current.commit() {
-                tracing::warn!(error = %e, "cannot sync the cache directory after a failed read");
-            }
+            let dirs = l.current.take_dirty_dirs();
+            l.recorder.submit(dirs, None, false);
         })
         .await;
     }
@@ -296,12 +323,15 @@ impl Applier {
                 })
             };
             step("cannot sync the new generation", g.sync_all())?;
+            // Nothing queued for the old generation may land after the swap.
+            l.recorder.submit_and_wait(BTreeSet::new(), None, false);
             step("cannot swap the cache directory", l.dir.publish(&g))?;
             let old = std::mem::replace(&mut l.current, g);
-            step(
-                "cannot write the position after a cold boot",
-                l.state_file.store(&state, true),
-            )?;
+            l.recorder
+                .submit_and_wait(BTreeSet::new(), Some(state), true);
+            if let Some(e) = l.recorder.take_error() {
+                return Err(e);
+            }
             l.dir.remove_others(l.current.name());
             drop(old);
             l.entries = entries;
@@ -323,7 +353,7 @@ impl Applier {
 
     /// Forgets the local position (the next start cold-boots).
     pub async fn forget_position(&self) -> io::Result<()> {
-        self.call(|l| l.state_file.remove()).await
+        self.call(|l| l.recorder.forget()).await
     }
 }
 
@@ -332,6 +362,10 @@ fn commit_now(
     state: Option<LocalState>,
     durable: bool,
 ) -> Result<Applied, ApplyError> {
+    if let Some(e) = l.recorder.take_error() {
+        // The recorder failed on an earlier batch: report it here.
+        l.failed.get_or_insert(e);
+    }
     if l.failed.is_none() {
         let keep = std::mem::take(&mut l.keep);
         for (cache, keys) in keep {
@@ -342,19 +376,22 @@ fn commit_now(
         }
     }
     if l.failed.is_none()
-        && let Err(e) = l.current.commit()
+        && let Err(e) = l.current.publish()
     {
-        l.fail(|| "cannot sync the cache directory".to_string(), e);
-    }
-    if l.failed.is_none()
-        && let Some(state) = state
-        && let Err(e) = l.state_file.store(&state, durable)
-    {
-        let path = l.state_file.path().display().to_string();
-        l.fail(|| format!("cannot write {path}"), e);
+        l.fail(|| "cannot write the cache directory".to_string(), e);
     }
     if l.failed.is_some() {
         l.current.discard_staged();
+    }
+    let dirs = l.current.take_dirty_dirs();
+    let state = if l.failed.is_none() { state } else { None };
+    if durable {
+        l.recorder.submit_and_wait(dirs, state, true);
+        if let Some(e) = l.recorder.take_error() {
+            l.failed.get_or_insert(e);
+        }
+    } else {
+        l.recorder.submit(dirs, state, false);
     }
     let delta = l.current.take_entry_delta();
     l.entries = l.entries.saturating_add_signed(delta);

@@ -10,6 +10,7 @@ pub mod coldboot;
 pub mod lag;
 pub mod position;
 pub mod read;
+pub mod record;
 pub mod snapshot;
 
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -14,7 +14,7 @@
 use futures_util::{StreamExt, pin_mut};
 use tokio_postgres::{Client, Statement};
 
-use super::apply::Applier;
+use super::apply::{Applier, Change};
 use super::position::Position;
 use super::snapshot::Snapshot;
 use crate::db::DbError;
@@ -100,6 +100,31 @@ impl From<tokio_postgres::Error> for ReadError {
     }
 }
 
+/// Changes on their way to the applier, handed over in chunks.
+#[derive(Default)]
+struct Chunk {
+    changes: Vec<Change>,
+    bytes: usize,
+}
+
+impl Chunk {
+    const MAX_CHANGES: usize = 64;
+    const MAX_BYTES: usize = 1 << 20;
+
+    async fn push(&mut self, change: Change, applier: &Applier) {
+        self.bytes += change.weight();
+        self.changes.push(change);
+        if self.changes.len() >= Self::MAX_CHANGES || self.bytes >= Self::MAX_BYTES {
+            self.flush(applier).await;
+        }
+    }
+
+    async fn flush(&mut self, applier: &Applier) {
+        self.bytes = 0;
+        applier.apply(std::mem::take(&mut self.changes)).await;
+    }
+}
+
 fn parse_last(text: &str) -> Option<(u64, i64)> {
     let (tx, id) = text.split_once(':')?;
     Some((tx.parse().ok()?, id.parse().ok()?))
@@ -129,10 +154,11 @@ pub async fn read_page(
     let rows = client.query_raw(statement, params).await?;
     pin_mut!(rows);
     let mut meta = None;
+    let mut chunk = Chunk::default();
     while let Some(row) = rows.next().await {
         let row = row?;
         let part: i32 = row.try_get(0)?;
-        match part {
+        let change = match part {
             0 => {
                 let snapshot: String = row.try_get(7)?;
                 let pruned: String = row.try_get(9)?;
@@ -150,25 +176,30 @@ pub async fn read_page(
                         .parse()
                         .map_err(|_| ReadError::Protocol(format!("bad pruned_below {pruned:?}")))?,
                 });
+                continue;
             }
-            1 => applier.clear(row.try_get(1)?).await,
+            1 => Change::Clear {
+                cache: row.try_get(1)?,
+            },
             2 | 3 => {
                 let cache: String = row.try_get(1)?;
                 let key: String = row.try_get(2)?;
-                let value: Option<Vec<u8>> = row.try_get(3)?;
-                match value {
-                    Some(value) => {
-                        let content_type: String = row.try_get(4)?;
-                        applier
-                            .put(cache, key, value, content_type, part == 2)
-                            .await;
-                    }
-                    None => applier.delete(cache, key).await,
+                match row.try_get::<_, Option<Vec<u8>>>(3)? {
+                    Some(value) => Change::Put {
+                        cache,
+                        key,
+                        value,
+                        content_type: row.try_get(4)?,
+                        cleared: part == 2,
+                    },
+                    None => Change::Delete { cache, key },
                 }
             }
             other => return Err(ReadError::Protocol(format!("unknown part {other}"))),
-        }
+        };
+        chunk.push(change, applier).await;
     }
+    chunk.flush(applier).await;
     let meta = meta
         .ok_or_else(|| ReadError::Protocol("no metadata row (is the meta table empty?)".into()))?;
     if meta.rows > 0 && meta.last.is_none() {

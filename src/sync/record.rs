@@ -1,0 +1,152 @@
+//! The recorder: a thread that makes applied batches durable *behind* the
+//! applier. For each batch it fsyncs the directories the batch touched, then
+//! writes the position, in the order the batches were applied. The applier
+//! meanwhile goes on with the next batch, so a directory fsync never delays
+//! the next change from becoming visible.
+//!
+//! The order that matters is kept: a position is written only after the
+//! directory entries it covers are on disk, so whatever position file
+//! survives a crash, the cache holds at least what it claims. Queued work is
+//! coalesced: several batches waiting cost one fsync per directory and one
+//! position write (the latest).
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+
+use super::apply::ApplyError;
+use super::position::{LocalState, StateFile};
+
+enum Record {
+    Flush {
+        dirs: BTreeSet<PathBuf>,
+        state: Option<LocalState>,
+        durable: bool,
+        done: Option<Sender<()>>,
+    },
+    Forget {
+        done: Sender<io::Result<()>>,
+    },
+}
+
+/// Handle to the recorder thread.
+pub struct Recorder {
+    tx: Sender<Record>,
+    error: Arc<Mutex<Option<ApplyError>>>,
+}
+
+impl Recorder {
+    pub fn start(state_file: StateFile) -> Self {
+        let (tx, rx) = channel();
+        let error = Arc::new(Mutex::new(None));
+        let e = error.clone();
+        std::thread::Builder::new()
+            .name("tandem-recorder".into())
+            .spawn(move || run(rx, state_file, e))
+            .expect("can spawn the recorder thread");
+        Self { tx, error }
+    }
+
+    /// Queues a batch's directories and position.
+    pub fn submit(&self, dirs: BTreeSet<PathBuf>, state: Option<LocalState>, durable: bool) {
+        let _ = self.tx.send(Record::Flush {
+            dirs,
+            state,
+            durable,
+            done: None,
+        });
+    }
+
+    /// Like [`Self::submit`], and waits until it (and everything queued
+    /// before it) is done.
+    pub fn submit_and_wait(
+        &self,
+        dirs: BTreeSet<PathBuf>,
+        state: Option<LocalState>,
+        durable: bool,
+    ) {
+        let (done, wait) = channel();
+        let _ = self.tx.send(Record::Flush {
+            dirs,
+            state,
+            durable,
+            done: Some(done),
+        });
+        let _ = wait.recv();
+    }
+
+    /// Removes the position file (after everything queued).
+    pub fn forget(&self) -> io::Result<()> {
+        let (done, wait) = channel();
+        let _ = self.tx.send(Record::Forget { done });
+        wait.recv().unwrap_or(Ok(()))
+    }
+
+    /// The first failure since the last call, if any.
+    pub fn take_error(&self) -> Option<ApplyError> {
+        self.error.lock().expect("not poisoned").take()
+    }
+}
+
+fn run(rx: Receiver<Record>, state_file: StateFile, error: Arc<Mutex<Option<ApplyError>>>) {
+    let fail = |what: String, source: io::Error| {
+        tracing::error!(%what, error = %source, "cannot make the cache durable");
+        let mut slot = error.lock().expect("not poisoned");
+        if slot.is_none() {
+            *slot = Some(ApplyError { what, source });
+        }
+    };
+    while let Ok(first) = rx.recv() {
+        let mut dirs = BTreeSet::new();
+        let mut state = None;
+        let mut durable = false;
+        let mut done = Vec::new();
+        let mut next = Some(first);
+        while let Some(record) = next.take().or_else(|| rx.try_recv().ok()) {
+            match record {
+                Record::Flush {
+                    dirs: d,
+                    state: s,
+                    durable: du,
+                    done: dn,
+                } => {
+                    dirs.extend(d);
+                    if s.is_some() {
+                        state = s;
+                    }
+                    durable |= du;
+                    done.extend(dn);
+                }
+                Record::Forget { done: reply } => {
+                    // A position queued before goes with the file.
+                    state = None;
+                    let _ = reply.send(state_file.remove());
+                }
+            }
+        }
+        let mut ok = true;
+        for dir in &dirs {
+            match File::open(dir).and_then(|f| f.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    fail(format!("cannot sync {}", dir.display()), e);
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        if ok
+            && let Some(state) = state
+            && let Err(e) = state_file.store(&state, durable)
+        {
+            fail(format!("cannot write {}", state_file.path().display()), e);
+        }
+        for d in done {
+            let _ = d.send(());
+        }
+    }
+}
