@@ -23,7 +23,7 @@ use super::position::{LocalState, StateFile};
 enum Record {
     Flush {
         dirs: BTreeSet<PathBuf>,
-        state: Option<LocalState>,
+        state: Option<Box<LocalState>>,
         durable: bool,
         done: Option<Sender<()>>,
     },
@@ -54,7 +54,7 @@ impl Recorder {
     pub fn submit(&self, dirs: BTreeSet<PathBuf>, state: Option<LocalState>, durable: bool) {
         let _ = self.tx.send(Record::Flush {
             dirs,
-            state,
+            state: state.map(Box::new),
             durable,
             done: None,
         });
@@ -71,7 +71,7 @@ impl Recorder {
         let (done, wait) = channel();
         let _ = self.tx.send(Record::Flush {
             dirs,
-            state,
+            state: state.map(Box::new),
             durable,
             done: Some(done),
         });
