@@ -19,8 +19,15 @@ pub fn notify_watchdog() {
     let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
 }
 
-/// The watchdog interval systemd expects pings within, if enabled.
+/// The watchdog interval systemd expects pings within, if enabled:
+/// `WATCHDOG_USEC`, for this process unless `WATCHDOG_PID` names another
+/// (libsystemd's rule; an unset `WATCHDOG_PID` applies to the process).
 pub fn watchdog_interval() -> Option<Duration> {
-    let mut usec = 0;
-    sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec))
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Ok(pid) = std::env::var("WATCHDOG_PID")
+        && pid.parse::<u32>().ok() != Some(std::process::id())
+    {
+        return None;
+    }
+    (usec > 0).then(|| Duration::from_micros(usec))
 }

@@ -492,3 +492,73 @@ async fn http_reads_never_serve_a_replaced_value() {
         Some(&b"changed under a cold boot"[..])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serves_on_a_unix_socket_with_tcp_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let sock = root.path().join("run/tandem.sock");
+    let data = root.path().join("unix");
+    let log = std::fs::File::create(root.path().join("unix.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["run", "--config", "/dev/null"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TANDEM_DATA_DIR", data.display().to_string())
+        .env("TANDEM_HOST_ID", "unix")
+        .env("TANDEM_DATABASE_URL", &db.url)
+        .env("TANDEM_API_LISTEN", "")
+        .env("TANDEM_API_UNIX_SOCKET", sock.display().to_string())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    common::eventually("the socket", Duration::from_secs(20), || async {
+        sock.exists()
+    })
+    .await;
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sock).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o660);
+    let request = |req: String| {
+        let sock = sock.clone();
+        async move {
+            let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.unwrap();
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    };
+    common::eventually("ready over the socket", Duration::from_secs(20), || {
+        let r = request("GET /readyz HTTP/1.0\r\n\r\n".into());
+        async move { r.await.starts_with("HTTP/1.0 200") }
+    })
+    .await;
+    let put =
+        request("PUT /v1/cache/c/k?wait=local HTTP/1.0\r\nContent-Length: 5\r\n\r\nhello".into())
+            .await;
+    assert!(put.starts_with("HTTP/1.0 200"), "{put}");
+    let get = request("GET /v1/cache/c/k HTTP/1.0\r\n\r\n".into()).await;
+    assert!(get.ends_with("hello"), "{get}");
+    // The CLI finds the daemon through the socket too.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["status", "--config", "/dev/null"])
+        .env("TANDEM_API_LISTEN", "")
+        .env("TANDEM_API_UNIX_SOCKET", sock.display().to_string())
+        .env("TANDEM_DATA_DIR", data.display().to_string())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("unix *"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // No TCP port was opened.
+    let log = std::fs::read_to_string(root.path().join("unix.log")).unwrap();
+    assert!(!log.contains("api listening addr="), "{log}");
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    assert!(child.wait().unwrap().success());
+}

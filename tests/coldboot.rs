@@ -189,6 +189,17 @@ async fn readers_never_see_a_half_built_cache() {
     let before = reads.load(Ordering::SeqCst);
     let r = a.http.post(a.url("/v1/resync")).send().await.unwrap();
     assert_eq!(r.status(), 202);
+    // While it rebuilds, the host is not ready (reads keep working).
+    eventually(
+        "not ready during the cold boot",
+        Duration::from_secs(10),
+        || async {
+            let r = a.http.get(a.url("/readyz")).send().await.unwrap();
+            r.status() == 503 && r.text().await.unwrap().contains("cold-booting")
+        },
+    )
+    .await;
+    assert_eq!(a.get("big", "key-7").await.map(|v| v.len()), Some(512));
     // Cold boots are counted when they start; the duration when they end.
     eventually("the cold boot", Duration::from_secs(60), || async {
         a.metric("tandem_sync_cold_boot_duration_seconds_count")

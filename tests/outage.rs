@@ -134,3 +134,56 @@ async fn a_read_cut_off_mid_clear_never_wipes_the_cache() {
         assert_converged(&db, &[&a], Duration::from_secs(30)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_apply_becomes_unready_keeps_its_cache_and_recovers() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let a = Host::start(&db.url, "a", root.path(), &[("TANDEM_SYNC_MAX_LAG", "1s")]).await;
+    let b = Host::start(&db.url, "b", root.path(), &[]).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+    b.put("pages", "old", b"still here", "?wait=cluster").await;
+    // The cache directory cannot be written (an immutable directory stands
+    // in for a full or broken disk; root cannot write it either).
+    let dir = std::fs::read_link(a.cache_dir()).unwrap().join("pages");
+    let chattr = |flag: &str| {
+        let s = std::process::Command::new("chattr")
+            .arg(flag)
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(s.success(), "chattr {flag}");
+    };
+    chattr("+i");
+    b.put("pages", "new", b"cannot land on a", "").await;
+    eventually(
+        "a is known to be behind",
+        Duration::from_secs(15),
+        || async {
+            let r = a.http.get(a.url("/readyz")).send().await.unwrap();
+            if r.status() != 503 {
+                return false;
+            }
+            let body: serde_json::Value = r.json().await.unwrap();
+            body["error"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("behind")
+        },
+    )
+    .await;
+    assert_eq!(
+        a.get("pages", "old").await.as_deref(),
+        Some(&b"still here"[..])
+    );
+    assert!(
+        a.metric("tandem_sync_errors_total{stage=\"apply\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    chattr("-i");
+    a.wait_ready().await;
+    assert_converged(&db, &[&a, &b], Duration::from_secs(15)).await;
+}
