@@ -9,6 +9,9 @@ have_pg_server() { ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; }
 have_pg_server || want+=(postgresql)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
+command -v python3 >/dev/null 2>&1 || want+=(python3)
+command -v node >/dev/null 2>&1 || want+=(nodejs)
+command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
 if [[ "${1:-}" == "--bench" ]]; then
     command -v wrk >/dev/null 2>&1 || want+=(wrk)
     command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
