@@ -5,6 +5,7 @@
 //!
 //! # Layout
 //!
+//! - [`app`]: the state shared by the HTTP handlers and the tasks.
 //! - [`config`]: the TOML file, `TANDEM_*` overrides, validation.
 //! - [`daemon`]: [`run`], start-up and the ordered shutdown.
 //! - [`db`]: connections, migrations, the embedded PostgreSQL, SQL text.

@@ -114,7 +114,7 @@ impl Metrics {
             batch_duration: histogram(
                 &registry,
                 "tandem_sync_batch_duration_seconds",
-                "Time to read and apply one batch, from query to durable position.",
+                "Time to read and apply one batch (page of log rows), from the start of its read to its commit being confirmed; the directory fsync and the position write follow in the background.",
                 fast.clone(),
             ),
             pending_rows: int_gauge(

@@ -101,6 +101,7 @@ impl CacheDir {
             None => {
                 let g = dir.new_generation().map_err(io_err(link))?;
                 dir.publish(&g).map_err(io_err(link))?;
+                dir.sync_link_parent();
                 g
             }
         };
@@ -158,7 +159,8 @@ impl CacheDir {
         Ok(Generation::open(root)?.attach(self.memory.clone()))
     }
 
-    /// Points the symlink at `generation` atomically and durably.
+    /// Points the symlink at `generation` atomically (then call
+    /// [`Self::sync_link_parent`] to make it durable).
     pub fn publish(&self, generation: &Generation) -> io::Result<()> {
         let parent = self.link.parent().unwrap_or(Path::new("/"));
         let file_name = self
@@ -170,7 +172,18 @@ impl CacheDir {
         std::os::unix::fs::symlink(generation.root(), &tmp)?;
         fs::rename(&tmp, &self.link)?;
         self.memory.clear();
-        fs::File::open(parent)?.sync_all()
+        Ok(())
+    }
+
+    /// Makes the last [`Self::publish`] durable. A failure is logged: the
+    /// swap has happened either way, and if a crash undid it the position
+    /// (which names the generation) would no longer match and the host
+    /// would cold-boot.
+    pub fn sync_link_parent(&self) {
+        let parent = self.link.parent().unwrap_or(Path::new("/"));
+        if let Err(e) = fs::File::open(parent).and_then(|f| f.sync_all()) {
+            tracing::warn!(dir = %parent.display(), error = %e, "cannot sync the cache directory's parent");
+        }
     }
 
     /// Deletes every generation but `keep`, in the background.

@@ -94,7 +94,7 @@ pub fn pg_config(
     cfg.application_name("tandem");
     // Notice a silently dead peer (a cut network) within about 30 seconds,
     // unless the URL says otherwise.
-    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+    if cfg.get_keepalives() && cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
         cfg.keepalives_idle(Duration::from_secs(15));
         cfg.keepalives_interval(Duration::from_secs(5));
         cfg.keepalives_retries(3);

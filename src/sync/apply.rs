@@ -35,6 +35,9 @@ pub struct ApplyError {
     pub what: String,
     #[source]
     pub source: io::Error,
+    /// Changes already made visible may not be durable (a directory fsync
+    /// failed): the local cache can no longer be trusted after a crash.
+    pub lost_durability: bool,
 }
 
 type Job = Box<dyn FnOnce(&mut Local) + Send>;
@@ -117,6 +120,7 @@ impl Local {
             self.failed = Some(ApplyError {
                 what: what(),
                 source: e,
+                lost_durability: false,
             });
         }
     }
@@ -272,6 +276,7 @@ impl Applier {
                 Err(e) => Err(ApplyError {
                     what: "cannot create a new cache generation".into(),
                     source: e,
+                    lost_durability: false,
                 }),
             }
         })
@@ -309,6 +314,7 @@ impl Applier {
                 return Err(ApplyError {
                     what: "no generation is being built".into(),
                     source: io::Error::other("finish_build without begin_build"),
+                    lost_durability: false,
                 });
             };
             if let Some(e) = l.failed.take() {
@@ -316,25 +322,34 @@ impl Applier {
                 return Err(e);
             }
             let entries = g.take_entry_delta().max(0) as u64;
-            let step = |what: &str, r: io::Result<()>| {
-                r.map_err(|source| ApplyError {
+            let failed = |what: &str, source: io::Error, g: &Generation| {
+                let _ = std::fs::remove_dir_all(g.root());
+                ApplyError {
                     what: what.to_string(),
                     source,
-                })
+                    lost_durability: false,
+                }
             };
-            step("cannot sync the new generation", g.sync_all())?;
+            if let Err(e) = g.sync_all() {
+                return Err(failed("cannot sync the new generation", e, &g));
+            }
             // Nothing queued for the old generation may land after the swap.
             l.recorder.submit_and_wait(BTreeSet::new(), None, false);
-            step("cannot swap the cache directory", l.dir.publish(&g))?;
+            if let Err(e) = l.dir.publish(&g) {
+                return Err(failed("cannot swap the cache directory", e, &g));
+            }
+            // Readers see the new generation from here on: so must the
+            // applier, whatever happens next.
             let old = std::mem::replace(&mut l.current, g);
+            l.entries = entries;
+            l.dir.sync_link_parent();
             l.recorder
                 .submit_and_wait(BTreeSet::new(), Some(state), true);
+            l.dir.remove_others(l.current.name());
+            drop(old);
             if let Some(e) = l.recorder.take_error() {
                 return Err(e);
             }
-            l.dir.remove_others(l.current.name());
-            drop(old);
-            l.entries = entries;
             Ok(entries)
         })
         .await
@@ -349,11 +364,6 @@ impl Applier {
             }
         })
         .await;
-    }
-
-    /// Forgets the local position (the next start cold-boots).
-    pub async fn forget_position(&self) -> io::Result<()> {
-        self.call(|l| l.recorder.forget()).await
     }
 }
 

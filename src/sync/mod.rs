@@ -295,11 +295,7 @@ impl Syncer {
                     self.shared.update(|s| s.connected = true);
                     let r = self.session(client, notes, &mut backoff, &cancel).await;
                     if r.is_ok() {
-                        // Stopping: make the last position durable.
-                        if let Err(e) = self.applier.commit(self.state.clone(), true).await {
-                            tracing::warn!(error = %e, "cannot persist the position at shutdown");
-                        }
-                        return;
+                        break;
                     }
                     r
                 }
@@ -312,6 +308,16 @@ impl Syncer {
                 }
             };
             if let Err(e) = result {
+                if let SessionError::Apply(a) = &e
+                    && a.lost_durability
+                {
+                    // After a failed fsync the disk's contents are unknown:
+                    // rebuild rather than trust them.
+                    tracing::error!(error = %a, "the cache directory may not be durable; this host will cold-boot");
+                    self.state = None;
+                    self.state_corrupt = true;
+                    self.position = None;
+                }
                 let delay = backoff.failed();
                 if !matches!(
                     e,
@@ -338,11 +344,17 @@ impl Syncer {
                     self.shared.touch();
                     let step = until.min(tokio::time::Instant::now() + Duration::from_secs(1));
                     tokio::select! {
-                        _ = cancel.cancelled() => return,
+                        _ = cancel.cancelled() => break,
                         _ = tokio::time::sleep_until(step) => {}
                     }
                 }
             }
+        }
+        // Stopping: make the last committed position durable.
+        if self.state.is_some()
+            && let Err(e) = self.applier.commit(self.state.clone(), true).await
+        {
+            tracing::warn!(error = %e, "cannot persist the position at shutdown");
         }
     }
 

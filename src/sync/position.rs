@@ -97,9 +97,10 @@ impl StateFile {
     /// fsyncs the file before and the directory after the rename.
     ///
     /// A non-durable write is still safe: the cache changes it covers were
-    /// made durable before it (see [`super::apply`]), so after a power loss
-    /// the file holds either this state or an older one, and an older one
-    /// only means reading some rows again.
+    /// made durable before it (see [`super::record`]), so after a power loss
+    /// the file holds this state, an older one (some rows are read again),
+    /// or, on filesystems that do not order a rename after the data, a
+    /// damaged file (the host then cold-boots).
     pub fn store(&self, state: &LocalState, durable: bool) -> std::io::Result<()> {
         let dir = self.path.parent().expect("state file has a parent");
         let tmp = dir.join(".position.json.tmp");

@@ -27,9 +27,6 @@ enum Record {
         durable: bool,
         done: Option<Sender<()>>,
     },
-    Forget {
-        done: Sender<io::Result<()>>,
-    },
 }
 
 /// Handle to the recorder thread.
@@ -78,13 +75,6 @@ impl Recorder {
         let _ = wait.recv();
     }
 
-    /// Removes the position file (after everything queued).
-    pub fn forget(&self) -> io::Result<()> {
-        let (done, wait) = channel();
-        let _ = self.tx.send(Record::Forget { done });
-        wait.recv().unwrap_or(Ok(()))
-    }
-
     /// The first failure since the last call, if any.
     pub fn take_error(&self) -> Option<ApplyError> {
         self.error.lock().expect("not poisoned").take()
@@ -96,7 +86,11 @@ fn run(rx: Receiver<Record>, state_file: StateFile, error: Arc<Mutex<Option<Appl
         tracing::error!(%what, error = %source, "cannot make the cache durable");
         let mut slot = error.lock().expect("not poisoned");
         if slot.is_none() {
-            *slot = Some(ApplyError { what, source });
+            *slot = Some(ApplyError {
+                what,
+                source,
+                lost_durability: true,
+            });
         }
     };
     while let Ok(first) = rx.recv() {
@@ -105,27 +99,19 @@ fn run(rx: Receiver<Record>, state_file: StateFile, error: Arc<Mutex<Option<Appl
         let mut durable = false;
         let mut done = Vec::new();
         let mut next = Some(first);
-        while let Some(record) = next.take().or_else(|| rx.try_recv().ok()) {
-            match record {
-                Record::Flush {
-                    dirs: d,
-                    state: s,
-                    durable: du,
-                    done: dn,
-                } => {
-                    dirs.extend(d);
-                    if s.is_some() {
-                        state = s;
-                    }
-                    durable |= du;
-                    done.extend(dn);
-                }
-                Record::Forget { done: reply } => {
-                    // A position queued before goes with the file.
-                    state = None;
-                    let _ = reply.send(state_file.remove());
-                }
+        while let Some(Record::Flush {
+            dirs: d,
+            state: s,
+            durable: du,
+            done: dn,
+        }) = next.take().or_else(|| rx.try_recv().ok())
+        {
+            dirs.extend(d);
+            if s.is_some() {
+                state = s;
             }
+            durable |= du;
+            done.extend(dn);
         }
         let mut ok = true;
         for dir in &dirs {
