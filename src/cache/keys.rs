@@ -270,6 +270,16 @@ mod tests {
             }
         }
 
+        /// Names found in a directory are untrusted: decoding any string
+        /// returns a key or nothing, and a key it returns encodes back to
+        /// the same name.
+        #[test]
+        fn decode_never_panics(name in any::<String>()) {
+            if let Some(key) = decode(&name) {
+                prop_assert_eq!(encode(&key), name);
+            }
+        }
+
         #[test]
         fn injective(a in "\\PC{1,40}", b in "\\PC{1,40}") {
             prop_assume!(a != b);

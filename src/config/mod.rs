@@ -836,6 +836,17 @@ mod tests {
         assert_eq!(c.api.token.unwrap().expose(), "s3cret");
     }
 
+    proptest::proptest! {
+        /// Config files are operator input: anything gives a config or an
+        /// error, never a panic.
+        #[test]
+        fn parsing_never_panics(text in "\\PC{0,200}", key in "[a-z_]{1,20}", value in "\\PC{0,20}") {
+            let _ = from_str(&text, &env(&[]));
+            let _ = from_str(&format!("[sync]\n{key} = {value:?}\n"), &env(&[]));
+            let _ = from_str(&format!("[api]\n{key} = {value}\n"), &env(&[]));
+        }
+    }
+
     #[test]
     fn host_ids() {
         assert!(valid_host_id("web-1.example"));

@@ -176,12 +176,7 @@ pub async fn put_entry(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    let Path((cache, key)) = path.map_err(path_error)?;
-    let Query(wait) = query.map_err(query_error)?;
-    check_cache(&cache)?;
-    check_key(&key)?;
-    let (wait, deadline) = wait.parse(&app)?;
+    let (cache, key, wait, deadline) = entry_write(&app, &headers, path, query)?;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         None => DEFAULT_CONTENT_TYPE.to_string(),
         Some(v) => check_content_type(v.to_str().ok())?,
@@ -198,6 +193,22 @@ pub async fn put_entry(
         deadline,
     )
     .await
+}
+
+/// What a write to one entry checks first: the token, the path, the wait.
+fn entry_write(
+    app: &App,
+    headers: &HeaderMap,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<WaitParams>, QueryRejection>,
+) -> Result<(String, String, write::Wait, Instant), ApiError> {
+    authorize(app, headers)?;
+    let Path((cache, key)) = path.map_err(path_error)?;
+    let Query(wait) = query.map_err(query_error)?;
+    check_cache(&cache)?;
+    check_key(&key)?;
+    let (wait, deadline) = wait.parse(app)?;
+    Ok((cache, key, wait, deadline))
 }
 
 fn check_content_type(value: Option<&str>) -> Result<String, ApiError> {
@@ -223,12 +234,7 @@ pub async fn delete_entry(
     query: Result<Query<WaitParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorize(&app, &headers)?;
-    let Path((cache, key)) = path.map_err(path_error)?;
-    let Query(wait) = query.map_err(query_error)?;
-    check_cache(&cache)?;
-    check_key(&key)?;
-    let (wait, deadline) = wait.parse(&app)?;
+    let (cache, key, wait, deadline) = entry_write(&app, &headers, path, query)?;
     let q = &app.queries;
     write::commit(
         &app,
@@ -504,6 +510,34 @@ mod tests {
 
     fn parse(body: &str) -> Result<Vec<Op>, ApiError> {
         parse_batch(body.as_bytes(), 3, 10)
+    }
+
+    proptest::proptest! {
+        /// Batch bodies are untrusted: any bytes, and any JSON, give ops
+        /// or a 4xx, never a panic.
+        #[test]
+        fn parsing_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300)) {
+            if let Err(e) = parse_batch(&body, 10, 100) {
+                proptest::prop_assert!(e.status.is_client_error());
+            }
+        }
+
+        #[test]
+        fn json_shapes_never_panic(
+            op in "(put|delete|clear|x)",
+            cache in "[a-zA-Z0-9_./-]{0,70}",
+            key in "\\PC{0,20}",
+            value in proptest::option::of("\\PC{0,20}"),
+            b64 in proptest::option::of("[A-Za-z0-9+/=%]{0,12}"),
+        ) {
+            let mut o = serde_json::json!({"op": op, "cache": cache, "key": key});
+            if let Some(v) = value { o["value"] = serde_json::json!(v); }
+            if let Some(b) = b64 { o["base64"] = serde_json::json!(b); }
+            let body = serde_json::to_vec(&serde_json::json!({"ops": [o]})).unwrap();
+            if let Err(e) = parse_batch(&body, 10, 100) {
+                proptest::prop_assert!(e.status.is_client_error());
+            }
+        }
     }
 
     #[test]

@@ -181,6 +181,16 @@ mod tests {
             prop_assert_eq!(s.to_string().parse::<Snapshot>().unwrap(), s);
         }
 
+        /// Snapshot text comes from disk and the database: any string parses
+        /// or is refused, never panics.
+        #[test]
+        fn parsing_never_panics(text in any::<String>(), digits in "[0-9:,]{0,40}") {
+            let _ = text.parse::<Snapshot>();
+            if let Ok(s) = digits.parse::<Snapshot>() {
+                prop_assert_eq!(s.to_string().parse::<Snapshot>().unwrap(), s);
+            }
+        }
+
         /// `covers` agrees with checking visibility transaction by transaction.
         #[test]
         fn covers_matches_brute_force(a in arb_snapshot(), b in arb_snapshot()) {
