@@ -227,6 +227,17 @@ impl Applier {
             .expect("the applier thread answers while handles exist")
     }
 
+    /// Makes `state` the durable position now, after everything queued
+    /// (at shutdown).
+    pub async fn persist_now(&self, state: LocalState) -> Result<(), ApplyError> {
+        self.call(move |l| {
+            l.recorder
+                .submit_and_wait(BTreeSet::new(), Some(state), true);
+            l.recorder.take_error().map_or(Ok(()), Err)
+        })
+        .await
+    }
+
     /// Queues [`Self::commit`] and returns where its result will arrive,
     /// so that the next batch can be read meanwhile.
     pub async fn commit_later(
@@ -395,14 +406,8 @@ fn commit_now(
     }
     let dirs = l.current.take_dirty_dirs();
     let state = if l.failed.is_none() { state } else { None };
-    if durable {
-        l.recorder.submit_and_wait(dirs, state, true);
-        if let Some(e) = l.recorder.take_error() {
-            l.failed.get_or_insert(e);
-        }
-    } else {
-        l.recorder.submit(dirs, state, false);
-    }
+    // Durable or not, the recorder does it behind the applier.
+    l.recorder.submit(dirs, state, durable);
     let delta = l.current.take_entry_delta();
     l.entries = l.entries.saturating_add_signed(delta);
     l.applied.entries = l.entries;

@@ -351,8 +351,8 @@ impl Syncer {
             }
         }
         // Stopping: make the last committed position durable.
-        if self.state.is_some()
-            && let Err(e) = self.applier.commit(self.state.clone(), true).await
+        if let Some(state) = self.state.clone()
+            && let Err(e) = self.applier.persist_now(state).await
         {
             tracing::warn!(error = %e, "cannot persist the position at shutdown");
         }
@@ -697,6 +697,15 @@ impl Syncer {
             .inc();
         self.shared.update(|s| s.cold_booting = Some(reason));
         let started = Instant::now();
+        // Keep pruning away from the rows this cold boot will still read.
+        let protect = render(
+            "SELECT {schema}.protect($1, make_interval(secs => $2::float8))",
+            &self.settings.schema,
+        );
+        let interval = self.settings.persist_interval.as_secs_f64();
+        client
+            .execute(protect.as_str(), &[&self.settings.host_id, &interval])
+            .await?;
         let shared = self.shared.clone();
         let alive = move || shared.touch();
         let result = coldboot::run(

@@ -226,6 +226,19 @@ BEGIN
     PERFORM pg_notify('{channel}_ack', p_id);
 END $$;
 
+-- Called just before a cold boot takes its snapshot: registers the current
+-- snapshot (which is no newer than the cold boot's) as this host's position,
+-- so that pruning keeps every row the cold boot will still have to read.
+CREATE FUNCTION {schema}.protect(p_id text, p_interval interval) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO {schema}.hosts (id, version, started_at, heartbeat_at, heartbeat_interval,
+                                applied, applied_at)
+    VALUES (p_id, '', now(), now(), p_interval, pg_current_snapshot(), now())
+    ON CONFLICT (id) DO UPDATE SET
+        applied = pg_current_snapshot(), applied_at = now(),
+        heartbeat_at = now(), stopped_at = NULL;
+$$;
+
 -- Marks a host as cleanly stopped: it no longer counts as live.
 CREATE FUNCTION {schema}.stopped(p_id text, p_applied text) RETURNS void
 LANGUAGE sql AS $$
