@@ -20,8 +20,10 @@
 //! 5. Cold boot of 100,000 x 1 KiB entries.
 //!
 //! Environment: BENCH_SECS (propagation run, default 20), BENCH_RATE
-//! (default 500), BENCH_IDLE_SECS (default 20), TANDEM_BENCH_DATABASE_URL (use
-//! an existing server instead of a throwaway one).
+//! (default 500), BENCH_IDLE_SECS (default 20), BENCH_PHASES (e.g. `1,3`),
+//! BENCH_DIR (where the hosts' data directories go; the filesystem matters:
+//! ext4 without a journal slows file creation down after mass deletions),
+//! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -226,11 +228,18 @@ async fn main() {
         _ => common::start_cluster(true),
     };
     let db = TestDb::on(&pg).await;
-    let root = tempdir();
+    let root = match std::env::var("BENCH_DIR") {
+        Ok(dir) if !dir.is_empty() => tempfile::Builder::new()
+            .prefix("tandem-bench-")
+            .tempdir_in(dir)
+            .unwrap(),
+        _ => tempdir(),
+    };
     println!(
         "tandem sync benchmark: {HOSTS} hosts, PostgreSQL with fsync on, {} cores",
         num_cpus()
     );
+    println!("hosts' data on {}", describe_fs(root.path()));
     let mut hosts = Vec::new();
     for i in 0..HOSTS {
         hosts.push(Host::start(&db.url, &format!("h{i}"), root.path(), REAL).await);
@@ -588,6 +597,42 @@ fn latencies(
         acked.push(ms(last, *t_acked));
     }
     ((sent, acked), per_host, missing)
+}
+
+/// The filesystem under `path`: type, device, and for ext4 whether it has a
+/// journal.
+fn describe_fs(path: &Path) -> String {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let best = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && path.starts_with(f[1]))
+                .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+        })
+        .max_by_key(|(_, mount, _)| mount.len());
+    let Some((dev, mount, fstype)) = best else {
+        return "an unknown filesystem".into();
+    };
+    let mut text = format!("{fstype} ({dev} on {mount})");
+    if fstype == "ext4" {
+        let name = dev.rsplit('/').next().unwrap_or("").to_string();
+        let journaled = std::fs::read_dir("/proc/fs/jbd2")
+            .map(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{name}-"))
+                })
+            })
+            .unwrap_or(false);
+        text.push_str(if journaled {
+            ", with a journal"
+        } else {
+            ", WITHOUT a journal"
+        });
+    }
+    text
 }
 
 fn num_cpus() -> usize {

@@ -10,6 +10,7 @@
 pub mod generation;
 pub mod keys;
 pub mod memory;
+pub mod read;
 
 use std::fs;
 use std::io;
@@ -126,19 +127,19 @@ impl CacheDir {
 
     /// Reads a key through the symlink: `None` when absent.
     pub fn read(&self, cache: &str, key: &str) -> io::Result<Option<(Vec<u8>, String)>> {
-        generation::read_value(&self.path_of(cache, key))
+        read::read_value(&self.path_of(cache, key))
     }
 
     /// The keys of one cache, sorted.
     pub fn list(&self, cache: &str) -> io::Result<Vec<String>> {
-        let mut keys = generation::list_keys(&self.link.join(cache))?;
+        let mut keys = read::list_keys(&self.link.join(cache))?;
         keys.sort_unstable();
         Ok(keys)
     }
 
     /// The caches that exist locally, sorted.
     pub fn caches(&self) -> io::Result<Vec<String>> {
-        generation::list_caches(&self.link)
+        read::list_caches(&self.link)
     }
 
     /// Creates a fresh, empty generation (not yet visible).

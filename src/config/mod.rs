@@ -6,6 +6,7 @@
 //! process environment.
 
 pub mod keys;
+mod raw;
 pub mod units;
 
 use std::collections::HashMap;
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use keys::{KEYS, Kind};
+use raw::{Raw, SizeValue, check_known, overlay_env, type_error};
 
 /// Where an installed tandem looks for its config when none is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tandem/tandem.toml";
@@ -156,83 +157,6 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct Raw {
-    data_dir: Option<PathBuf>,
-    cache_dir: Option<PathBuf>,
-    host: RawHost,
-    database: RawDatabase,
-    api: RawApi,
-    sync: RawSync,
-    cluster: RawCluster,
-    log: RawLog,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawHost {
-    id: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawDatabase {
-    url: Option<String>,
-    password_file: Option<PathBuf>,
-    schema: Option<String>,
-    connect_timeout: Option<String>,
-    embedded_bin_dir: Option<PathBuf>,
-    embedded_user: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawApi {
-    listen: Option<String>,
-    unix_socket: Option<PathBuf>,
-    unix_socket_mode: Option<String>,
-    token_file: Option<PathBuf>,
-    max_value_size: Option<SizeValue>,
-    max_batch_ops: Option<i64>,
-    max_batch_size: Option<SizeValue>,
-    max_wait: Option<String>,
-    read_cache_size: Option<SizeValue>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawSync {
-    poll_interval: Option<String>,
-    batch_size: Option<i64>,
-    max_lag: Option<String>,
-    retain: Option<String>,
-    max_retain: Option<String>,
-    prune_interval: Option<String>,
-    prune_batch: Option<i64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawCluster {
-    heartbeat_interval: Option<String>,
-    stale_after: Option<i64>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct RawLog {
-    level: Option<String>,
-    format: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum SizeValue {
-    Int(u64),
-    Text(String),
-}
-
 /// Reads the config file (if any), applies the environment, validates.
 ///
 /// `path` is the explicit `--config`; without it [`DEFAULT_CONFIG_PATH`] is
@@ -271,139 +195,6 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Loaded, Con
     let raw: Raw = Raw::deserialize(toml::Value::Table(table)).map_err(type_error)?;
     let config = validate(raw, env)?;
     Ok(Loaded { config, warnings })
-}
-
-/// Reports the first key that tandem does not know (with a suggestion) or
-/// whose value has the wrong type.
-fn check_known(table: &toml::Table) -> Result<(), ConfigError> {
-    for (name, value) in table {
-        if let Some(key) = keys::find("", name) {
-            check_type(key, value)?;
-            continue;
-        }
-        let is_section = keys::sections().any(|s| s == name);
-        match value {
-            toml::Value::Table(inner) if is_section => {
-                for (inner_name, inner_value) in inner {
-                    match keys::find(name, inner_name) {
-                        Some(key) => check_type(key, inner_value)?,
-                        None => return Err(unknown(&format!("{name}.{inner_name}"))),
-                    }
-                }
-            }
-            _ if is_section => {
-                return Err(ConfigError::key(name, "must be a table ([section])"));
-            }
-            _ => return Err(unknown(name)),
-        }
-    }
-    Ok(())
-}
-
-fn check_type(key: &keys::Key, value: &toml::Value) -> Result<(), ConfigError> {
-    let ok = match key.kind {
-        Kind::Str => value.is_str(),
-        Kind::Int => value.is_integer(),
-        Kind::Bool => value.is_bool(),
-        Kind::Size => value.is_str() || value.as_integer().is_some_and(|n| n >= 0),
-    };
-    if ok {
-        return Ok(());
-    }
-    let expected = match key.kind {
-        Kind::Str => "a string",
-        Kind::Int => "an integer",
-        Kind::Bool => "true or false",
-        Kind::Size => "a size (bytes, or a string like \"16MiB\")",
-    };
-    Err(ConfigError::key(
-        key.path(),
-        format!("expected {expected}, found {} {value}", value.type_str()),
-    ))
-}
-
-fn unknown(path: &str) -> ConfigError {
-    let hint = match keys::suggest(path) {
-        Some(s) => format!("; did you mean `{s}`?"),
-        None => String::new(),
-    };
-    ConfigError::key(path, format!("unknown key{hint}"))
-}
-
-/// Turns a serde type error into one naming the key.
-fn type_error(e: toml::de::Error) -> ConfigError {
-    let msg = e.message().to_string();
-    // serde's messages carry the field name but not the section; find the key
-    // whose name appears in the message.
-    let key = KEYS
-        .iter()
-        .find(|k| msg.contains(&format!("`{}`", k.name)))
-        .map(|k| k.path());
-    match key {
-        Some(k) => ConfigError::key(k, msg),
-        None => ConfigError::general(msg),
-    }
-}
-
-fn overlay_env(
-    table: &mut toml::Table,
-    env: &HashMap<String, String>,
-    warnings: &mut Vec<String>,
-) -> Result<(), ConfigError> {
-    let mut set = |section: &str, name: &str, value: toml::Value| {
-        let target = if section.is_empty() {
-            &mut *table
-        } else {
-            table
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .expect("sections are tables (checked before)")
-        };
-        target.insert(name.to_string(), value);
-    };
-    if let Some(url) = env.get("DATABASE_URL")
-        && !env.contains_key("TANDEM_DATABASE_URL")
-    {
-        set("database", "url", toml::Value::String(url.clone()));
-    }
-    for key in KEYS {
-        let var = key.env_var();
-        let Some(text) = env.get(&var) else { continue };
-        let value = match key.kind {
-            Kind::Str => toml::Value::String(text.clone()),
-            Kind::Size => match text.trim().parse::<i64>() {
-                Ok(n) => toml::Value::Integer(n),
-                Err(_) => toml::Value::String(text.clone()),
-            },
-            Kind::Int => toml::Value::Integer(text.trim().parse().map_err(|_| {
-                ConfigError::key(key.path(), format!("{var}={text:?} is not an integer"))
-            })?),
-            Kind::Bool => toml::Value::Boolean(match text.trim() {
-                "true" | "1" | "yes" => true,
-                "false" | "0" | "no" => false,
-                _ => {
-                    return Err(ConfigError::key(
-                        key.path(),
-                        format!("{var}={text:?} is not true or false"),
-                    ));
-                }
-            }),
-        };
-        set(key.section, key.name, value);
-    }
-    for var in env.keys() {
-        if var.starts_with("TANDEM_")
-            && !var.starts_with("TANDEM_TEST_")
-            && var != "TANDEM_CONFIG"
-            && !KEYS.iter().any(|k| &k.env_var() == var)
-        {
-            warnings.push(format!(
-                "environment variable {var} is not a tandem setting and is ignored"
-            ));
-        }
-    }
-    Ok(())
 }
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {

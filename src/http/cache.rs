@@ -21,9 +21,9 @@ use super::ApiError;
 use super::write::{self, WaitParams, authorize};
 use crate::app::App;
 use crate::cache::DEFAULT_CONTENT_TYPE;
-use crate::cache::generation::open_value;
 use crate::cache::keys::{check_cache, check_key};
 use crate::cache::memory::{Cached, MAX_VALUE};
+use crate::cache::read::open_value;
 use crate::cluster;
 
 /// Values up to this size are read on the async worker (page-cache hits

@@ -578,13 +578,13 @@ impl Drop for Host {
 /// Reads a cache directory into entries (through the key encoding).
 pub fn read_cache_dir(dir: &Path) -> Entries {
     let mut out = Entries::new();
-    let Ok(caches) = tandem::cache::generation::list_caches(dir) else {
+    let Ok(caches) = tandem::cache::read::list_caches(dir) else {
         return out;
     };
     for cache in caches {
-        for key in tandem::cache::generation::list_keys(&dir.join(&cache)).unwrap() {
+        for key in tandem::cache::read::list_keys(&dir.join(&cache)).unwrap() {
             let path = dir.join(&cache).join(tandem::cache::keys::encode(&key));
-            if let Some((value, ct)) = tandem::cache::generation::read_value(&path).unwrap() {
+            if let Some((value, ct)) = tandem::cache::read::read_value(&path).unwrap() {
                 out.insert((cache.clone(), key), (value, ct));
             }
         }
