@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::cache::CacheDir;
 use crate::config::Config;
+use crate::coord::leader::Leadership;
 use crate::db::{self, queries::Queries};
 use crate::metrics::Metrics;
 use crate::sync::SyncShared;
@@ -18,6 +19,7 @@ pub struct App {
     pub sync: Arc<SyncShared>,
     pub metrics: Arc<Metrics>,
     pub cache: CacheDir,
+    pub leadership: Leadership,
     pub started_at: SystemTime,
     pub started: Instant,
     shutting_down: AtomicBool,
@@ -32,7 +34,10 @@ impl App {
         cache: CacheDir,
     ) -> Self {
         let queries = Queries::new(&config.database.schema);
+        let leadership =
+            Leadership::new(&config.host_id, config.leader.eligible, config.leader.lease);
         Self {
+            leadership,
             config,
             db,
             queries,

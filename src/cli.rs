@@ -175,7 +175,77 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<String> {
         );
         return Ok(out);
     }
-    Ok(format_hosts(&cluster.body))
+    let mut out = format_hosts(&cluster.body);
+    if let Ok(role) = request(config, "GET", "/v1/role").await
+        && role.status == 200
+    {
+        let r = &role.body;
+        let _ = writeln!(
+            out,
+            "\nleader: {} (fencing token {}); this host: {}{}",
+            r["leader"].as_str().unwrap_or("none"),
+            r["fencing_token"],
+            r["role"].as_str().unwrap_or("?"),
+            if r["eligible"] == false {
+                ", never leader (leader.eligible = false)"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(out)
+}
+
+/// `tandem jobs`: every job with its schedule, next and last run.
+pub async fn jobs(config: &Config, json: bool) -> anyhow::Result<String> {
+    let reply = request(config, "GET", "/v1/jobs").await?;
+    if reply.status != 200 {
+        bail!("cannot list the jobs: {}", error_text(&reply));
+    }
+    if json {
+        return Ok(serde_json::to_string_pretty(&reply.body)?);
+    }
+    let mut rows = vec![
+        [
+            "JOB", "SCHEDULE", "RUN ON", "NEXT RUN", "LAST RUN", "OUTCOME", "HOST",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    for j in reply.body["jobs"].as_array().into_iter().flatten() {
+        let last = &j["last_run"];
+        let enabled = j["enabled"] != false;
+        rows.push(vec![
+            s(&j["name"]),
+            if enabled {
+                s(&j["schedule"])
+            } else {
+                "disabled".into()
+            },
+            s(&j["run_on"]),
+            s(&j["next_run"]),
+            s(&last["scheduled_for"]),
+            s(&last["state"]),
+            s(&last["host"]),
+        ]);
+    }
+    Ok(table(rows))
+}
+
+/// `tandem jobs run NAME`: queues a run now, once cluster-wide.
+pub async fn run_job(config: &Config, name: &str) -> anyhow::Result<String> {
+    if !crate::config::jobs::valid_job_name(name) {
+        bail!("{name:?} is not a job name");
+    }
+    let reply = request(config, "POST", &format!("/v1/jobs/{name}/run")).await?;
+    if reply.status != 202 {
+        bail!("run refused: {}", error_text(&reply));
+    }
+    Ok(format!(
+        "queued run {} of {name}; `tandem jobs` shows its outcome",
+        reply.body["run_id"]
+    ))
 }
 
 /// Formats `/v1/cluster` as a table.
@@ -219,7 +289,13 @@ pub fn format_hosts(cluster: &Value) -> String {
             h["version"].as_str().unwrap_or("?").to_string(),
         ]);
     }
-    let widths: Vec<usize> = (0..header.len())
+    table(rows)
+}
+
+/// Aligns rows of cells into columns.
+fn table(rows: Vec<Vec<String>>) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

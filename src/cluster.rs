@@ -1,13 +1,17 @@
-//! The host registry (heartbeats, the cluster view, clean stop), log pruning,
-//! and waiting until every live host has applied a write.
+//! The host registry (heartbeats, the cluster view, clean stop), the leader
+//! lease (acquired and renewed by the heartbeat statement itself, so that a
+//! quiet host costs one statement per beat), log pruning (run by the
+//! built-in job `tandem.prune-log`), and waiting until every live host has
+//! applied a write.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::coord::leader::Observation;
 use crate::db::DbError;
 use crate::sync::snapshot::Snapshot;
 
@@ -17,8 +21,11 @@ pub struct HostView {
     pub id: String,
     /// `live`, `stale` (missed heartbeats) or `stopped` (clean shutdown).
     pub state: &'static str,
-    /// `single` (the only live host) or `member`; null unless live.
+    /// `single` (the only live host), `leader` or `follower`; null unless
+    /// live.
     pub role: Option<&'static str>,
+    /// Holds the leader lease.
+    pub leader: bool,
     pub version: String,
     pub api: Option<String>,
     pub started_at: String,
@@ -49,6 +56,7 @@ pub async fn hosts(app: &App) -> Result<Vec<HostView>, DbError> {
                     "stale"
                 },
                 role: None,
+                leader: r.get(12),
                 version: r.get(1),
                 api: r.get(2),
                 started_at: r.get(3),
@@ -64,23 +72,49 @@ pub async fn hosts(app: &App) -> Result<Vec<HostView>, DbError> {
     let live = hosts.iter().filter(|h| h.state == "live").count();
     for h in &mut hosts {
         if h.state == "live" {
-            h.role = Some(if live == 1 { "single" } else { "member" });
+            h.role = Some(if live == 1 {
+                "single"
+            } else if h.leader {
+                "leader"
+            } else {
+                "follower"
+            });
         }
     }
     Ok(hosts)
 }
 
-/// Registers this host and refreshes it every `cluster.heartbeat_interval`.
+/// Registers this host and refreshes it every `cluster.heartbeat_interval`;
+/// the same statement acquires or renews the leader lease. The leader beats
+/// every third of its lease; an eligible follower also beats just after the
+/// leader's lease would run out, and at once when a leader releases it.
 pub async fn heartbeat_loop(app: Arc<App>, cancel: CancellationToken) {
-    let mut tick = tokio::time::interval(app.config.cluster.heartbeat_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
+    let mut next = tokio::time::Instant::now();
     loop {
+        let leader_deadline = app.leadership.term().map(|_| {
+            app.leadership
+                .next_beat(app.config.cluster.heartbeat_interval)
+        });
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            _ = tokio::time::sleep_until(next) => {}
+            _ = app.sync.leader_released.notified(), if app.leadership.eligible() => {}
+            // The local deadline of this host's term (renewals failing).
+            _ = tokio::time::sleep(leader_deadline.unwrap_or(Duration::MAX / 4)), if leader_deadline.is_some() => {}
         }
-        match heartbeat(&app).await {
+        app.leadership.check_deadline(&app.metrics.coord);
+        if app.is_shutting_down() {
+            // No new term now: the lease is being handed over.
+            next = tokio::time::Instant::now() + app.config.cluster.heartbeat_interval;
+            continue;
+        }
+        let result = heartbeat(&app).await;
+        next = tokio::time::Instant::now()
+            + app
+                .leadership
+                .next_beat(app.config.cluster.heartbeat_interval);
+        match result {
             Ok(()) => {
                 app.metrics.heartbeats.with_label_values(&["ok"]).inc();
                 if failing {
@@ -113,6 +147,10 @@ async fn heartbeat(app: &App) -> Result<(), DbError> {
     let interval = app.config.cluster.heartbeat_interval.as_secs_f64();
     let missed = app.config.cluster.stale_after as i32;
     let api = app.config.api.listen.map(|a| a.to_string());
+    let lease = app.config.leader.lease.as_secs_f64();
+    let acquire = app.leadership.eligible() && !app.is_shutting_down();
+    let sent = Instant::now();
+    let sent_wall = SystemTime::now();
     app.metrics
         .db_queries
         .with_label_values(&["heartbeat"])
@@ -131,9 +169,20 @@ async fn heartbeat(app: &App) -> Result<(), DbError> {
                 &ready,
                 &lag,
                 &missed,
+                &lease,
+                &acquire,
             ],
         )
         .await?;
+    let observation = Observation {
+        holder: row.get(6),
+        token: row.get(7),
+        expires_in: row.get(8),
+        db_now: row.get(9),
+        live_hosts: row.get(3),
+    };
+    app.leadership
+        .observe(sent, sent_wall, &observation, &app.metrics.coord);
     let resync: bool = row.get(0);
     let pending: Option<i64> = row.get(1);
     let oldest: f64 = row.get(2);
@@ -153,6 +202,18 @@ async fn heartbeat(app: &App) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Gives up the leader lease (clean shutdown) so another host takes over at
+/// once.
+pub async fn resign(app: &App) -> Result<(), DbError> {
+    if let Some(token) = app.leadership.resign(&app.metrics.coord) {
+        app.db
+            .query_one(&app.queries.lease_release, &[&app.config.host_id, &token])
+            .await?;
+        tracing::info!(token, "released the leader lease");
+    }
+    Ok(())
+}
+
 /// Marks this host as cleanly stopped, so it no longer counts as live.
 pub async fn mark_stopped(app: &App) -> Result<(), DbError> {
     let applied = app.sync.status().persisted.map(|p| p.done.to_string());
@@ -160,24 +221,6 @@ pub async fn mark_stopped(app: &App) -> Result<(), DbError> {
         .query_one(&app.queries.stopped, &[&app.config.host_id, &applied])
         .await?;
     Ok(())
-}
-
-/// Prunes the log every `sync.prune_interval` (only one host at a time does).
-pub async fn prune_loop(app: Arc<App>, cancel: CancellationToken) {
-    let interval = app.config.sync.prune_interval;
-    // Spread hosts out so they do not all try at the same moment.
-    let first = interval.mul_f64(rand::random::<f64>());
-    let mut next = tokio::time::Instant::now() + first;
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {}
-        }
-        next = tokio::time::Instant::now() + interval;
-        if let Err(e) = prune(&app, &cancel).await {
-            tracing::warn!(error = %e, "pruning the log failed");
-        }
-    }
 }
 
 /// Deletes prunable log rows in batches. Returns the number deleted.

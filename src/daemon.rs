@@ -3,13 +3,15 @@
 //! Start-up: lock the data dir, start the embedded PostgreSQL if there is no
 //! database URL, open the cache directory, serve HTTP at once (reads work,
 //! `/readyz` says not ready), connect and migrate (retrying while the database
-//! is down), then start the sync, heartbeat and prune tasks. Readiness is a
-//! latch released by the first catch-up; the same moment sends `READY=1` to
-//! systemd.
+//! is down), then start the sync, heartbeat (and leader lease), readiness
+//! and scheduler tasks. Readiness is a latch released by the first catch-up;
+//! the same moment sends `READY=1` to systemd.
 //!
-//! Shutdown (time-boxed, in order): not ready; stop the sync task (after its
-//! current batch); mark the host stopped in the registry; stop heartbeats and
-//! pruning; drain HTTP; stop the embedded PostgreSQL.
+//! Shutdown (time-boxed, in order): not ready; the scheduler starts no new
+//! run; release the leader lease (another host takes over at once); let
+//! running jobs finish (up to 10s); stop the sync task (after its current
+//! batch); mark the host stopped in the registry; stop heartbeats; drain
+//! HTTP; stop the embedded PostgreSQL.
 
 use std::fs::File;
 use std::future::Future;
@@ -29,6 +31,7 @@ use crate::db::migrate::{self, MigrateError};
 use crate::db::{self, Backoff, DbError};
 use crate::http::{self, Listeners};
 use crate::metrics::Metrics;
+use crate::sched::{self, Scheduler};
 use crate::sync::apply::Applier;
 use crate::sync::position::StateFile;
 use crate::sync::{SyncSettings, SyncShared, Syncer};
@@ -154,14 +157,16 @@ async fn run_with_database(
 
     let mut tasks = JoinSet::new();
     tasks.spawn(cluster::heartbeat_loop(app.clone(), root.child_token()));
-    tasks.spawn(cluster::prune_loop(app.clone(), root.child_token()));
     tasks.spawn(readiness_loop(app.clone(), root.child_token()));
+    let sched_stop = CancellationToken::new();
+    let mut sched_task = tokio::spawn(Scheduler::new(app.clone()).run(sched_stop.clone()));
 
     let failure = tokio::select! {
         _ = &mut shutdown => None,
         r = &mut sync_task => Some(anyhow::anyhow!("the sync task ended unexpectedly: {r:?}")),
         r = tasks.join_next() => Some(anyhow::anyhow!("a background task ended unexpectedly: {r:?}")),
         r = &mut http_task => Some(http_ended(r)),
+        r = &mut sched_task => Some(anyhow::anyhow!("the scheduler ended unexpectedly: {r:?}")),
     };
     if let Some(e) = &failure {
         tracing::error!(error = %e, "stopping");
@@ -170,6 +175,24 @@ async fn run_with_database(
     tracing::info!("shutting down");
     systemd::notify_stopping();
     app.begin_shutdown();
+    sched_stop.cancel();
+    match tokio::time::timeout(Duration::from_secs(2), cluster::resign(&app)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not release the leader lease; it expires at its TTL")
+        }
+        Err(_) => tracing::warn!("releasing the leader lease timed out; it expires at its TTL"),
+    }
+    if !sched_task.is_finished()
+        && tokio::time::timeout(
+            sched::SHUTDOWN_GRACE + Duration::from_secs(1),
+            &mut sched_task,
+        )
+        .await
+        .is_err()
+    {
+        sched_task.abort();
+    }
     sync_stop.cancel();
     if tokio::time::timeout(Duration::from_secs(10), &mut sync_task)
         .await

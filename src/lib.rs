@@ -12,7 +12,10 @@
 //! - [`sync`]: the snapshot cursor, reading the log, the applier thread,
 //!   cold boots, lag and readiness.
 //! - [`cache`]: the cache directory (generations, key encoding, atomic files).
-//! - [`cluster`]: heartbeats, the host registry, pruning, cluster-wide waits.
+//! - [`cluster`]: heartbeats (which also hold the leader lease), the host
+//!   registry, pruning, cluster-wide waits.
+//! - [`coord`]: the leader lease as this host sees it, app locks.
+//! - [`sched`]: the job scheduler and job actions.
 //! - [`http`]: the localhost API (routes, errors, metrics middleware).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`cli`]: `check-config`, `migrate`, `status`, `resync`.
@@ -23,10 +26,12 @@ pub mod cache;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod coord;
 pub mod daemon;
 pub mod db;
 pub mod http;
 pub mod metrics;
+pub mod sched;
 pub mod sync;
 pub mod systemd;
 

@@ -45,6 +45,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the scheduled jobs (asks the local daemon); `jobs run NAME`
+    /// runs one now, once cluster-wide.
+    Jobs {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<JobsAction>,
+    },
     /// Ask this host (or --host ID) to rebuild its cache from the database.
     Resync {
         #[command(flatten)]
@@ -52,6 +63,15 @@ enum Command {
         /// Another host's id (asked through the database).
         #[arg(long)]
         host: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsAction {
+    /// Run a job now, once cluster-wide.
+    Run {
+        /// The job's name.
+        name: String,
     },
 }
 
@@ -203,6 +223,19 @@ fn main() -> ExitCode {
         }
         Command::Status { config, json } => match load(&config) {
             Ok(config) => report(runtime().block_on(cli::status(&config, json))),
+            Err(code) => code,
+        },
+        Command::Jobs {
+            config,
+            json,
+            action,
+        } => match load(&config) {
+            Ok(config) => report(runtime().block_on(async {
+                match action {
+                    None => cli::jobs(&config, json).await,
+                    Some(JobsAction::Run { name }) => cli::run_job(&config, &name).await,
+                }
+            })),
             Err(code) => code,
         },
         Command::Resync { config, host } => match load(&config) {

@@ -33,9 +33,16 @@ pub struct Metrics {
     pub read_cache: IntCounterVec,
     pub read_cache_bytes: IntGauge,
     pub heartbeats: IntCounterVec,
+    /// Leader, jobs and locks.
+    pub coord: crate::coord::metrics::CoordMetrics,
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+pub(crate) fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
     registry
         .register(Box::new(c.clone()))
@@ -43,7 +50,7 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
     c
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+pub(crate) fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).expect("valid metric");
     registry
         .register(Box::new(c.clone()))
@@ -51,7 +58,7 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     c
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
+pub(crate) fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
     let g = Gauge::new(name, help).expect("valid metric");
     registry
         .register(Box::new(g.clone()))
@@ -59,7 +66,7 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> Gauge {
     g
 }
 
-fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+pub(crate) fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).expect("valid metric");
     registry
         .register(Box::new(g.clone()))
@@ -67,7 +74,12 @@ fn int_gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     g
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+pub(crate) fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Histogram {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
         .expect("valid metric");
     registry
@@ -253,6 +265,7 @@ impl Metrics {
                 "Heartbeats, by outcome (ok, error).",
                 &["outcome"],
             ),
+            coord: crate::coord::metrics::CoordMetrics::new(&registry),
             registry,
         };
         for op in ["put", "delete", "clear"] {

@@ -11,6 +11,7 @@ pub mod generation;
 pub mod keys;
 pub mod memory;
 pub mod read;
+pub mod versions;
 
 use std::fs;
 use std::io;
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memory::ValueCache;
+use versions::Versions;
 
 pub use generation::{DEFAULT_CONTENT_TYPE, Generation};
 
@@ -27,6 +29,7 @@ pub struct CacheDir {
     link: PathBuf,
     generations: PathBuf,
     memory: Arc<ValueCache>,
+    versions: Arc<Versions>,
 }
 
 /// Why the cache directory could not be opened.
@@ -71,6 +74,7 @@ impl CacheDir {
             link: link.to_path_buf(),
             generations,
             memory: Arc::new(ValueCache::new(memory_budget)),
+            versions: Arc::default(),
         };
         let current = match fs::symlink_metadata(link) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -107,12 +111,18 @@ impl CacheDir {
             }
         };
         dir.remove_others(generation.name());
+        dir.versions.reload(generation.root());
         Ok((dir, generation))
     }
 
     /// The in-memory copies of small values.
     pub fn memory(&self) -> &ValueCache {
         &self.memory
+    }
+
+    /// The in-memory copy of the version counters.
+    pub fn versions(&self) -> &Versions {
+        &self.versions
     }
 
     /// The path apps read (the symlink).

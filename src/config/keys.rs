@@ -107,6 +107,11 @@ pub const KEYS: &[Key] = &[
     key("sync", "prune_batch", Kind::Int, "10000"),
     key("cluster", "heartbeat_interval", Kind::Str, "5s"),
     key("cluster", "stale_after", Kind::Int, "3"),
+    key("cluster", "forget_after", Kind::Str, "7d"),
+    key("leader", "lease", Kind::Str, "10s"),
+    key("leader", "eligible", Kind::Bool, "true"),
+    key("scheduler", "history_retain", Kind::Str, "7d"),
+    key("scheduler", "output_tail", Kind::Size, "4KiB"),
     key("log", "level", Kind::Str, "info"),
     key("log", "format", Kind::Str, "text"),
 ];

@@ -5,6 +5,7 @@
 //! The environment is passed in as a map so that tests never touch the
 //! process environment.
 
+pub mod jobs;
 pub mod keys;
 mod raw;
 pub mod units;
@@ -96,6 +97,10 @@ pub struct Config {
     pub sync: SyncConfig,
     pub cluster: ClusterConfig,
     pub log: LogConfig,
+    pub leader: LeaderConfig,
+    pub scheduler: SchedulerConfig,
+    /// Every job, the built-ins first.
+    pub jobs: Vec<jobs::JobSpec>,
     /// Where the config came from (for messages).
     pub source: Option<PathBuf>,
 }
@@ -142,6 +147,22 @@ pub struct ClusterConfig {
     pub heartbeat_interval: Duration,
     /// A host is stale after this many missed heartbeats.
     pub stale_after: u32,
+    /// Hosts stopped or stale for longer than this leave the registry.
+    pub forget_after: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct LeaderConfig {
+    pub lease: Duration,
+    /// False pins this host as never-leader.
+    pub eligible: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub history_retain: Duration,
+    /// How much of a run's output (the end) its history row keeps.
+    pub output_tail: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -435,6 +456,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
     let cluster = ClusterConfig {
         heartbeat_interval: duration("cluster.heartbeat_interval", c.heartbeat_interval, "5s")?,
         stale_after: int_in("cluster.stale_after", c.stale_after, 3, 2, 100)? as u32,
+        forget_after: duration("cluster.forget_after", c.forget_after, "7d")?,
     };
     if cluster.heartbeat_interval < Duration::from_millis(100) {
         return Err(ConfigError::key(
@@ -442,6 +464,23 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
             "must be at least 100ms",
         ));
     }
+
+    let leader = LeaderConfig {
+        lease: duration("leader.lease", raw.leader.lease, "10s")?,
+        eligible: raw.leader.eligible.unwrap_or(true),
+    };
+    if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&leader.lease) {
+        return Err(ConfigError::key(
+            "leader.lease",
+            "must be between 2s and 5m",
+        ));
+    }
+    let sc = raw.scheduler;
+    let scheduler = SchedulerConfig {
+        history_retain: duration("scheduler.history_retain", sc.history_retain, "7d")?,
+        output_tail: size("scheduler.output_tail", sc.output_tail, 4096)?.min(1 << 20) as usize,
+    };
+    let jobs = jobs::parse(&raw.jobs, sync.prune_interval)?;
 
     let l = raw.log;
     let level = nonempty(l.level).unwrap_or_else(|| "info".to_string());
@@ -471,6 +510,9 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         sync,
         cluster,
         log: LogConfig { level, format },
+        leader,
+        scheduler,
+        jobs,
         source: None,
     })
 }

@@ -22,6 +22,9 @@ pub(super) struct Raw {
     pub(super) sync: RawSync,
     pub(super) cluster: RawCluster,
     pub(super) log: RawLog,
+    pub(super) leader: RawLeader,
+    pub(super) scheduler: RawScheduler,
+    pub(super) jobs: Vec<toml::Table>,
 }
 
 #[derive(Deserialize, Default)]
@@ -72,6 +75,21 @@ pub(super) struct RawSync {
 pub(super) struct RawCluster {
     pub(super) heartbeat_interval: Option<String>,
     pub(super) stale_after: Option<i64>,
+    pub(super) forget_after: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawLeader {
+    pub(super) lease: Option<String>,
+    pub(super) eligible: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawScheduler {
+    pub(super) history_retain: Option<String>,
+    pub(super) output_tail: Option<SizeValue>,
 }
 
 #[derive(Deserialize, Default)]
@@ -92,6 +110,19 @@ pub(super) enum SizeValue {
 /// whose value has the wrong type.
 pub(super) fn check_known(table: &toml::Table) -> Result<(), ConfigError> {
     for (name, value) in table {
+        if name == "jobs" {
+            // Checked key by key with the jobs (`config::jobs`).
+            let tables = value
+                .as_array()
+                .is_some_and(|a| a.iter().all(toml::Value::is_table));
+            if !tables {
+                return Err(ConfigError::key(
+                    "jobs",
+                    "must be an array of tables ([[jobs]])",
+                ));
+            }
+            continue;
+        }
         if let Some(key) = keys::find("", name) {
             check_type(key, value)?;
             continue;

@@ -7,8 +7,14 @@ use tokio_postgres::Client;
 use super::{DbError, render};
 
 /// `(version, name, SQL template)`, in order.
-pub const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "core", include_str!("migrations/0001_core.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "core", include_str!("migrations/0001_core.sql")),
+    (
+        2,
+        "coordination",
+        include_str!("migrations/0002_coordination.sql"),
+    ),
+];
 
 /// The newest schema version this binary knows.
 pub fn latest() -> i32 {

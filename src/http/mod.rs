@@ -3,6 +3,7 @@
 //! panics), and serving on TCP and/or a unix socket.
 
 pub mod cache;
+pub mod coord;
 pub mod error;
 pub mod node;
 pub mod write;
@@ -37,6 +38,18 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/status", get(node::status))
         .route("/v1/cluster", get(node::cluster))
         .route("/v1/resync", post(node::resync))
+        .route("/v1/role", get(coord::role))
+        .route("/v1/jobs", get(coord::jobs))
+        .route("/v1/jobs/{name}/runs", get(coord::runs))
+        .route("/v1/jobs/{name}/run", post(coord::run_now))
+        .route(
+            "/v1/locks/{name}",
+            post(coord::acquire).delete(coord::release),
+        )
+        .route("/v1/locks/{name}/renew", post(coord::renew))
+        .route("/v1/versions", get(coord::versions))
+        .route("/v1/versions/{name}", get(coord::version))
+        .route("/v1/versions/{name}/bump", post(coord::bump))
         .route("/healthz", get(node::healthz))
         .route("/readyz", get(node::readyz))
         .route("/metrics", get(node::metrics))
@@ -77,6 +90,15 @@ const ROUTES: &[&str] = &[
     "/v1/status",
     "/v1/cluster",
     "/v1/resync",
+    "/v1/role",
+    "/v1/jobs",
+    "/v1/jobs/{name}/runs",
+    "/v1/jobs/{name}/run",
+    "/v1/locks/{name}",
+    "/v1/locks/{name}/renew",
+    "/v1/versions",
+    "/v1/versions/{name}",
+    "/v1/versions/{name}/bump",
     "/healthz",
     "/readyz",
     "/metrics",

@@ -110,9 +110,24 @@ pub async fn commit(
     wait: Wait,
     deadline: Instant,
 ) -> Result<Response, ApiError> {
+    commit_with(app, sql, sql_ack, params, wait, deadline, |_| json!({})).await
+}
+
+/// Like [`commit`], adding what `extra` reads from the statement's row
+/// (whose first column is the token) to the answer.
+pub async fn commit_with(
+    app: &App,
+    sql: &str,
+    sql_ack: &str,
+    params: &[&(dyn ToSql + Sync)],
+    wait: Wait,
+    deadline: Instant,
+    extra: impl FnOnce(&tokio_postgres::Row) -> serde_json::Value,
+) -> Result<Response, ApiError> {
     let statement = if wait == Wait::Cluster { sql_ack } else { sql };
     let row = app.db.query_one(statement, params).await?;
     let token: String = row.get(0);
+    let mut body = extra(&row);
     let tx: u64 = token
         .parse()
         .map_err(|_| ApiError::internal(format!("unexpected transaction id {token:?}")))?;
@@ -128,7 +143,7 @@ pub async fn commit(
             }
         },
     };
-    let mut body = json!({"token": token});
+    body["token"] = json!(token);
     if let Some(applied) = applied {
         body["wait"] = json!(wait.as_str());
         body["applied"] = json!(applied);

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::position::{LocalState, StateFile};
 use super::record::Recorder;
+use crate::cache::versions::VERSIONS_CACHE;
 use crate::cache::{CacheDir, Generation};
 
 /// What a committed batch did.
@@ -85,12 +86,22 @@ fn apply_one(l: &mut Local, change: Change) {
                 l.keep.entry(cache.clone()).or_default().insert(key.clone());
             }
             match l.current.put(&cache, &key, &value, &content_type) {
-                Ok(()) => l.applied.puts += 1,
+                Ok(()) => {
+                    l.applied.puts += 1;
+                    if cache == VERSIONS_CACHE {
+                        l.dir.versions().set(&key, &value);
+                    }
+                }
                 Err(e) => l.fail(|| format!("cannot write {cache}/{key}"), e),
             }
         }
         Change::Delete { cache, key } => match l.current.delete(&cache, &key) {
-            Ok(()) => l.applied.deletes += 1,
+            Ok(()) => {
+                l.applied.deletes += 1;
+                if cache == VERSIONS_CACHE {
+                    l.dir.versions().remove(&key);
+                }
+            }
             Err(e) => l.fail(|| format!("cannot delete {cache}/{key}"), e),
         },
         Change::Clear { cache } => {
@@ -354,6 +365,7 @@ impl Applier {
             let old = std::mem::replace(&mut l.current, g);
             l.entries = entries;
             l.dir.sync_link_parent();
+            l.dir.versions().reload(l.current.root());
             l.recorder
                 .submit_and_wait(BTreeSet::new(), Some(state), true);
             l.dir.remove_others(l.current.name());

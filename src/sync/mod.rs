@@ -92,6 +92,8 @@ pub struct Syncer {
     log_channel: String,
     ack_channel: String,
     ackreq_channel: String,
+    leader_channel: String,
+    jobs_channel: String,
 }
 
 /// A page whose commit is queued in the applier.
@@ -135,6 +137,8 @@ impl Syncer {
             log_channel: db::channel(&settings.schema, "log"),
             ack_channel: db::channel(&settings.schema, "ack"),
             ackreq_channel: db::channel(&settings.schema, "ackreq"),
+            leader_channel: db::channel(&settings.schema, "leader"),
+            jobs_channel: db::channel(&settings.schema, "jobs"),
             settings,
             pg,
             shared,
@@ -245,10 +249,16 @@ impl Syncer {
     ) -> Result<(), SessionError> {
         client
             .batch_execute(&format!(
-                "LISTEN {}; LISTEN {}; LISTEN {};",
-                self.log_channel, self.ack_channel, self.ackreq_channel
+                "LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {};",
+                self.log_channel,
+                self.ack_channel,
+                self.ackreq_channel,
+                self.leader_channel,
+                self.jobs_channel
             ))
             .await?;
+        // Notifications sent while disconnected are lost: look again.
+        self.shared.jobs_queued.notify_one();
         let session = Session {
             page: client
                 .prepare(&render(read::PAGE, &self.settings.schema))
@@ -329,6 +339,14 @@ impl Syncer {
         }
         if channel == self.ack_channel {
             self.shared.acks.send_modify(|n| *n = n.wrapping_add(1));
+            return Ok(false);
+        }
+        if channel == self.leader_channel {
+            self.shared.leader_released.notify_one();
+            return Ok(false);
+        }
+        if channel == self.jobs_channel {
+            self.shared.jobs_queued.notify_one();
             return Ok(false);
         }
         if channel == self.ackreq_channel

@@ -25,6 +25,12 @@ pub struct SyncShared {
     pub(super) resync: Notify,
     /// Last sign of life of the sync task (for the systemd watchdog).
     alive: Mutex<Instant>,
+    /// Woken when a leader released its lease (clean shutdown elsewhere),
+    /// so that this host tries to take over at once.
+    pub leader_released: Notify,
+    /// Woken when a manual job run was queued (or notifications may have
+    /// been missed while reconnecting).
+    pub jobs_queued: Notify,
 }
 
 /// A snapshot of the sync task's state.
@@ -52,6 +58,8 @@ impl SyncShared {
             resync_requested: AtomicBool::new(false),
             resync: Notify::new(),
             alive: Mutex::new(Instant::now()),
+            leader_released: Notify::new(),
+            jobs_queued: Notify::new(),
         }
     }
 

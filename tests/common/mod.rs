@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod recorder;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -285,6 +286,8 @@ pub struct Host {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     log: PathBuf,
+    /// The config file (`/dev/null`: everything from the environment).
+    pub config: PathBuf,
 }
 
 /// Settings that make tests fast.
@@ -297,6 +300,18 @@ pub const FAST: &[(&str, &str)] = &[
 impl Host {
     /// Starts `tandem run` for host `id` with its data dir under `root`.
     pub async fn start(db_url: &str, id: &str, root: &Path, extra: &[(&str, &str)]) -> Host {
+        Self::start_with_config(db_url, id, root, extra, "").await
+    }
+
+    /// Like [`Host::start`], with a config file (for `[[jobs]]`, which have
+    /// no environment overrides).
+    pub async fn start_with_config(
+        db_url: &str,
+        id: &str,
+        root: &Path,
+        extra: &[(&str, &str)],
+        config: &str,
+    ) -> Host {
         let dir = root.join(id);
         std::fs::create_dir_all(&dir).unwrap();
         let mut env: Vec<(String, String)> = FAST
@@ -313,7 +328,15 @@ impl Host {
             env.retain(|(ek, _)| ek != k);
             env.push((k.to_string(), v.to_string()));
         }
+        let config_path = if config.is_empty() {
+            PathBuf::from("/dev/null")
+        } else {
+            let p = dir.join("tandem.toml");
+            std::fs::write(&p, config).unwrap();
+            p
+        };
         let mut host = Host {
+            config: config_path,
             id: id.into(),
             log: dir.join("tandem.log"),
             dir,
@@ -341,7 +364,7 @@ impl Host {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
         cmd.arg("run")
             .arg("--config")
-            .arg("/dev/null")
+            .arg(&self.config)
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))

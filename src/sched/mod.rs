@@ -1,0 +1,613 @@
+//! The job scheduler: one task per host that wakes at each job's next
+//! scheduled time, claims the run in PostgreSQL and runs it.
+//!
+//! Exactly once per scheduled time (`leader` and `once` jobs): every host
+//! computes the same scheduled times (from the database's clock), and a run
+//! is claimed in `job_runs` — unique on job, scheduled time, slot and
+//! attempt — before it starts. `leader` jobs are claimed only with the
+//! current term's fencing token, checked by the database, and only while
+//! this host's local deadline for that term has not passed; so a frozen or
+//! partitioned ex-leader runs nothing under its old term. `every-host` jobs
+//! use the host id as the slot.
+//!
+//! Misfires: when a job's latest due time is more than [`GRACE`] old (the
+//! host was down, frozen, or only now became leader), `misfire = "skip"`
+//! forgets it and `"run-once"` runs it once.
+
+pub mod action;
+pub mod api;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::jobs::{Action, Builtin, JobSpec, Misfire, RunOn, Schedule};
+use crate::db::DbError;
+use action::{Outcome, RunContext};
+
+/// How late a scheduled time may be and still count as on time.
+pub const GRACE: Duration = Duration::from_secs(1);
+/// The scheduler wakes at least this often (its liveness metric).
+const MAX_SLEEP: Duration = Duration::from_secs(5);
+/// How often queued (manual) runs are looked for without a notification.
+const QUEUE_CHECK: Duration = Duration::from_secs(60);
+/// How long running jobs may finish after shutdown starts.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+fn ts(t: DateTime<Utc>) -> f64 {
+    t.timestamp_millis() as f64 / 1000.0
+}
+
+fn from_ts(secs: f64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis((secs * 1000.0).round() as i64).unwrap_or_default()
+}
+
+/// The latest scheduled time in `(after, now]` and how many there are.
+fn latest_due(
+    schedule: &Schedule,
+    after: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> Option<(DateTime<Utc>, u64)> {
+    if let Schedule::Every(period) = schedule {
+        let p = period.as_millis() as i64;
+        let latest = now.timestamp_millis().div_euclid(p) * p;
+        let first = (after.timestamp_millis().div_euclid(p) + 1) * p;
+        if latest < first {
+            return None;
+        }
+        return Some((
+            from_ts(latest as f64 / 1000.0),
+            ((latest - first) / p + 1) as u64,
+        ));
+    }
+    let mut t = after;
+    let mut latest = None;
+    let mut count = 0;
+    while let Some(next) = schedule.next_after(t) {
+        if next > now {
+            break;
+        }
+        t = next;
+        latest = Some(next);
+        count += 1;
+        if count >= 100_000 {
+            // Far behind (a clock jump): what is left is forgotten.
+            return Some((t, count));
+        }
+    }
+    latest.map(|l| (l, count))
+}
+
+/// One run to claim and execute.
+#[derive(Debug, Clone)]
+struct Planned {
+    job: Arc<JobSpec>,
+    at: DateTime<Utc>,
+    attempt: i32,
+    trigger: &'static str,
+}
+
+/// The scheduler task.
+pub struct Scheduler {
+    app: Arc<App>,
+    jobs: Vec<Arc<JobSpec>>,
+    /// Per job: every scheduled time up to here has been considered.
+    cursors: HashMap<String, DateTime<Utc>>,
+    http: reqwest::Client,
+    runs: JoinSet<()>,
+    /// Retries of abandoned runs, found by the built-in job.
+    retry_tx: mpsc::UnboundedSender<Planned>,
+    retry_rx: mpsc::UnboundedReceiver<Planned>,
+}
+
+impl Scheduler {
+    pub fn new(app: Arc<App>) -> Self {
+        let jobs: Vec<Arc<JobSpec>> = app
+            .config
+            .jobs
+            .iter()
+            .filter(|j| j.enabled)
+            .cloned()
+            .map(Arc::new)
+            .collect();
+        app.metrics
+            .coord
+            .register_jobs(jobs.iter().map(|j| j.name.as_str()));
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .user_agent(concat!("tandem/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .expect("an HTTP client without TLS builds");
+        let (retry_tx, retry_rx) = mpsc::unbounded_channel();
+        Self {
+            retry_tx,
+            retry_rx,
+            app,
+            jobs,
+            cursors: HashMap::new(),
+            http,
+            runs: JoinSet::new(),
+        }
+    }
+
+    /// Runs until `cancel`; then lets running jobs finish for up to
+    /// [`SHUTDOWN_GRACE`].
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let mut term_rx = self.app.leadership.subscribe();
+        let mut term = *term_rx.borrow_and_update();
+        self.init_cursors(|_| true).await;
+        let mut check_queue = true;
+        let mut last_queue_check = Instant::now();
+        loop {
+            self.app
+                .metrics
+                .coord
+                .scheduler_last_tick
+                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            if check_queue || last_queue_check.elapsed() >= QUEUE_CHECK {
+                check_queue = false;
+                last_queue_check = Instant::now();
+                self.take_queued().await;
+            }
+            let now = self.app.leadership.now_db();
+            self.fire_due(now);
+            let next = self
+                .jobs
+                .iter()
+                .filter_map(|j| j.schedule.next_after(self.cursors[&j.name]))
+                .min();
+            let sleep = next
+                .map(|n| (n - now).to_std().unwrap_or(Duration::ZERO))
+                .unwrap_or(MAX_SLEEP)
+                .min(MAX_SLEEP);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(sleep) => {}
+                _ = self.app.sync.jobs_queued.notified() => check_queue = true,
+                changed = term_rx.changed() => {
+                    if changed.is_err() { break; }
+                    let new = *term_rx.borrow_and_update();
+                    if new != 0 && new != term {
+                        // A new term: plan the leader jobs from what the
+                        // previous leader claimed, and take their queue.
+                        self.init_cursors(|j| j.run_on == RunOn::Leader).await;
+                        check_queue = true;
+                    }
+                    term = new;
+                }
+                Some(_) = self.runs.join_next(), if !self.runs.is_empty() => {}
+                Some(p) = self.retry_rx.recv() => self.spawn(p),
+            }
+        }
+        if !self.runs.is_empty() {
+            tracing::info!(
+                running = self.runs.len(),
+                "waiting for running jobs to finish"
+            );
+            let wait = async { while self.runs.join_next().await.is_some() {} };
+            if tokio::time::timeout(SHUTDOWN_GRACE, wait).await.is_err() {
+                tracing::warn!("jobs still running at shutdown were stopped");
+                self.runs.abort_all();
+            }
+        }
+    }
+
+    /// Sets where each matching job's schedule resumes: from the latest
+    /// claimed time (so that `run-once` sees what was missed), but never
+    /// earlier than [`GRACE`] ago for `skip` jobs.
+    async fn init_cursors(&mut self, which: impl Fn(&JobSpec) -> bool) {
+        let now = self.app.leadership.now_db();
+        let names: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|j| which(j))
+            .map(|j| j.name.clone())
+            .collect();
+        let claimed = match self.last_claimed(&names).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the job history; scheduling from now");
+                HashMap::new()
+            }
+        };
+        let recent = now - chrono::Duration::from_std(GRACE).expect("small");
+        // Misfires older than this are forgotten even with `run-once`.
+        let horizon = now - chrono::Duration::days(8);
+        for job in self.jobs.iter().filter(|j| which(j)) {
+            let cursor = match (job.misfire, claimed.get(&job.name)) {
+                (Misfire::RunOnce, Some(last)) if *last < recent => (*last).max(horizon),
+                (_, Some(last)) if *last > recent => *last,
+                _ => recent,
+            };
+            self.cursors.insert(job.name.clone(), cursor);
+        }
+    }
+
+    async fn last_claimed(
+        &self,
+        names: &[String],
+    ) -> Result<HashMap<String, DateTime<Utc>>, DbError> {
+        let app = &self.app;
+        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+        let rows = app
+            .db
+            .query(&app.queries.last_scheduled, &[&names, &app.config.host_id])
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), from_ts(r.get(1))))
+            .collect())
+    }
+
+    /// Starts the runs that are due.
+    fn fire_due(&mut self, now: DateTime<Utc>) {
+        let grace = chrono::Duration::from_std(GRACE).expect("small");
+        let mut planned = Vec::new();
+        for job in &self.jobs {
+            let cursor = self
+                .cursors
+                .get_mut(&job.name)
+                .expect("every job has a cursor");
+            let Some((at, count)) = latest_due(&job.schedule, *cursor, now) else {
+                continue;
+            };
+            *cursor = at.max(*cursor);
+            let on_time = now - at <= grace;
+            let trigger = match (on_time, job.misfire) {
+                (true, _) => "schedule",
+                (false, Misfire::RunOnce) => "misfire",
+                (false, Misfire::Skip) => {
+                    tracing::info!(job = %job.name, missed = count, latest = %at, "skipping missed scheduled times (misfire = \"skip\")");
+                    continue;
+                }
+            };
+            if job.run_on == RunOn::Leader && self.app.leadership.term().is_none() {
+                continue;
+            }
+            planned.push(Planned {
+                job: job.clone(),
+                at,
+                attempt: 0,
+                trigger,
+            });
+        }
+        for p in planned {
+            self.spawn(p);
+        }
+    }
+
+    fn runner(&self) -> Runner {
+        Runner {
+            app: self.app.clone(),
+            http: self.http.clone(),
+            jobs: self.jobs.clone(),
+            retry_tx: self.retry_tx.clone(),
+        }
+    }
+
+    fn spawn(&mut self, p: Planned) {
+        let runner = self.runner();
+        self.runs.spawn(async move { runner.run(p, None).await });
+    }
+
+    /// Takes queued manual runs of the jobs this host may run now.
+    async fn take_queued(&mut self) {
+        let leader = self.app.leadership.term();
+        let names: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|j| j.run_on != RunOn::Leader || leader.is_some())
+            .map(|j| j.name.clone())
+            .collect();
+        loop {
+            let app = &self.app;
+            app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+            let token = leader.unwrap_or(0);
+            let row = match app
+                .db
+                .query(
+                    &app.queries.take_queued,
+                    &[&names, &app.config.host_id, &token],
+                )
+                .await
+            {
+                Ok(rows) => rows.into_iter().next(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot look for queued runs");
+                    return;
+                }
+            };
+            let Some(row) = row else { return };
+            let id: i64 = row.get(0);
+            let name: String = row.get(1);
+            let Some(job) = self.jobs.iter().find(|j| j.name == name).cloned() else {
+                continue;
+            };
+            let runner = self.runner();
+            let p = Planned {
+                job: job.clone(),
+                at: from_ts(row.get(2)),
+                attempt: 0,
+                trigger: "manual",
+            };
+            let token = if job.run_on == RunOn::Leader {
+                token
+            } else {
+                id
+            };
+            self.runs
+                .spawn(async move { runner.run(p, Some((id, token))).await });
+        }
+    }
+}
+
+/// Claims and executes runs (one task per run).
+#[derive(Clone)]
+struct Runner {
+    app: Arc<App>,
+    http: reqwest::Client,
+    jobs: Vec<Arc<JobSpec>>,
+    retry_tx: mpsc::UnboundedSender<Planned>,
+}
+
+impl Runner {
+    /// Claims (unless `claimed` already says which run) and executes `p`,
+    /// then its retries.
+    async fn run(&self, mut p: Planned, mut claimed: Option<(i64, i64)>) {
+        let job = p.job.clone();
+        if !job.jitter.is_zero() && claimed.is_none() {
+            let jitter = job.jitter.mul_f64(rand::random::<f64>());
+            tokio::time::sleep(jitter).await;
+        }
+        loop {
+            let claim = match claimed.take() {
+                Some(c) => Some(c),
+                None => self.claim(&p).await,
+            };
+            let Some((id, token)) = claim else {
+                return;
+            };
+            let outcome = self.execute(&job, id, p.at, p.attempt, token).await;
+            if outcome == "succeeded" || p.attempt as u32 >= job.retries {
+                return;
+            }
+            let backoff = job
+                .retry_backoff
+                .saturating_mul(1u32 << p.attempt.min(16))
+                .min(Duration::from_secs(600));
+            tracing::info!(job = %job.name, attempt = p.attempt + 1, in_ = ?backoff, "retrying");
+            tokio::time::sleep(backoff).await;
+            p.attempt += 1;
+            p.trigger = "retry";
+        }
+    }
+
+    /// Claims a run; the run id and the fencing token to send, or `None`
+    /// when another host has it (or this one must not run it).
+    async fn claim(&self, p: &Planned) -> Option<(i64, i64)> {
+        let app = &self.app;
+        let job = &p.job;
+        let leader_only = job.run_on == RunOn::Leader;
+        let token = match (leader_only, app.leadership.term()) {
+            (true, None) => return None,
+            (true, Some(t)) => t,
+            (false, _) => 0,
+        };
+        let slot = if job.run_on == RunOn::EveryHost {
+            app.config.host_id.as_str()
+        } else {
+            ""
+        };
+        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+        let result = app
+            .db
+            .query_one(
+                &app.queries.claim_run,
+                &[
+                    &job.name,
+                    &ts(p.at),
+                    &slot,
+                    &p.attempt,
+                    &p.trigger,
+                    &app.config.host_id,
+                    &token,
+                    &leader_only,
+                    &job.overlap,
+                    &(app.config.cluster.stale_after as i32),
+                ],
+            )
+            .await;
+        let row = match result {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(job = %job.name, at = %p.at, error = %e, "cannot claim a job run");
+                return None;
+            }
+        };
+        let id: Option<i64> = row.get(0);
+        let state: &str = row.get(1);
+        match state {
+            "running" => {
+                let id = id.expect("a claimed run has an id");
+                Some((id, if leader_only { token } else { id }))
+            }
+            "skipped" => {
+                let note: Option<String> = row.get(2);
+                tracing::warn!(job = %job.name, at = %p.at, reason = ?note, "not starting a run: the previous one is still running (overlap = false)");
+                app.metrics
+                    .coord
+                    .job_runs
+                    .with_label_values(&[&job.name, "skipped"])
+                    .inc();
+                None
+            }
+            "not_leader" => {
+                tracing::info!(job = %job.name, "not running a leader job: this host's term has ended");
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Runs the action of a claimed run and records the outcome. Returns
+    /// the outcome's state.
+    async fn execute(
+        &self,
+        job: &JobSpec,
+        id: i64,
+        at: DateTime<Utc>,
+        attempt: i32,
+        token: i64,
+    ) -> &'static str {
+        let app = &self.app;
+        let started = Instant::now();
+        let ctx = RunContext {
+            job: job.name.clone(),
+            run_id: id,
+            attempt,
+            scheduled_for: at,
+            fencing_token: token,
+            host: app.config.host_id.clone(),
+        };
+        let tail = app.config.scheduler.output_tail;
+        // The last moment to notice a lost term before acting under it.
+        let outcome = if job.run_on == RunOn::Leader && app.leadership.term() != Some(token) {
+            Outcome {
+                state: "skipped",
+                ..Outcome::failed("this host's leader term ended before the run started")
+            }
+        } else {
+            tracing::info!(job = %job.name, run = id, scheduled_for = %ctx.scheduled_for_text(), token, "job run starting");
+            match &job.action {
+                Action::Http(a) => action::http(&self.http, a, &ctx, job.timeout, tail).await,
+                Action::Command(a) => action::command(a, &ctx, job.timeout, tail).await,
+                Action::Builtin(b) => {
+                    match tokio::time::timeout(job.timeout, self.builtin(*b)).await {
+                        Ok(o) => o,
+                        Err(_) => Outcome::failed("timed out"),
+                    }
+                }
+            }
+        };
+        let took = started.elapsed();
+        let m = &app.metrics.coord;
+        m.job_runs
+            .with_label_values(&[&job.name, outcome.state])
+            .inc();
+        m.job_duration
+            .with_label_values(&[&job.name])
+            .observe(took.as_secs_f64());
+        if outcome.state == "succeeded" {
+            m.job_last_success
+                .with_label_values(&[&job.name])
+                .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+            tracing::info!(job = %job.name, run = id, took = ?took, "job run succeeded");
+        } else {
+            tracing::warn!(job = %job.name, run = id, outcome = outcome.state, error = ?outcome.error, "job run did not succeed");
+        }
+        self.record(id, &outcome).await;
+        outcome.state
+    }
+
+    /// Writes the outcome, retrying for a while if the database is down.
+    async fn record(&self, id: i64, o: &Outcome) {
+        let app = &self.app;
+        for attempt in 0..10u32 {
+            app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+            let result = app
+                .db
+                .query_one(
+                    &app.queries.finish_run,
+                    &[
+                        &id,
+                        &o.state,
+                        &o.exit_status,
+                        &o.http_status,
+                        &o.output,
+                        &o.error,
+                    ],
+                )
+                .await;
+            match result {
+                Ok(_) => return,
+                Err(e) if attempt == 9 => {
+                    tracing::warn!(run = id, error = %e, "cannot record a job run's outcome");
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(500 << attempt.min(4))).await,
+            }
+        }
+    }
+
+    async fn builtin(&self, b: Builtin) -> Outcome {
+        let app = &self.app;
+        match b {
+            Builtin::PruneLog => {
+                match crate::cluster::prune(app, &CancellationToken::new()).await {
+                    Ok(n) => Outcome::succeeded(format!("pruned {n} log rows")),
+                    Err(e) => Outcome::failed(e.to_string()),
+                }
+            }
+            Builtin::PruneJobHistory => {
+                let retain = app.config.scheduler.history_retain.as_secs_f64();
+                match app.db.query_one(&app.queries.prune_runs, &[&retain]).await {
+                    Ok(row) => {
+                        Outcome::succeeded(format!("deleted {} job runs", row.get::<_, i64>(0)))
+                    }
+                    Err(e) => Outcome::failed(e.to_string()),
+                }
+            }
+            Builtin::MarkStaleHosts => match self.mark_stale().await {
+                Ok(text) => Outcome::succeeded(text),
+                Err(e) => Outcome::failed(e.to_string()),
+            },
+        }
+    }
+
+    /// Marks the runs of dead hosts abandoned (retrying those whose job
+    /// allows it) and forgets hosts gone for longer than
+    /// `cluster.forget_after`.
+    async fn mark_stale(&self) -> Result<String, DbError> {
+        let app = &self.app;
+        let missed = app.config.cluster.stale_after as i32;
+        let rows = app.db.query(&app.queries.abandon_runs, &[&missed]).await?;
+        for r in &rows {
+            let name: String = r.get(1);
+            let attempt: i32 = r.get(4);
+            let host: Option<String> = r.get(5);
+            tracing::warn!(job = %name, run = r.get::<_, i64>(0), host = ?host, "job run abandoned: its host stopped heartbeating");
+            let Some(job) = self.jobs.iter().find(|j| j.name == name).cloned() else {
+                continue;
+            };
+            app.metrics
+                .coord
+                .job_runs
+                .with_label_values(&[&job.name, "abandoned"])
+                .inc();
+            if job.run_on != RunOn::EveryHost && (attempt as u32) < job.retries {
+                let p = Planned {
+                    job,
+                    at: from_ts(r.get(2)),
+                    attempt: attempt + 1,
+                    trigger: "retry",
+                };
+                let _ = self.retry_tx.send(p);
+            }
+        }
+        let forget = app.config.cluster.forget_after.as_secs_f64();
+        let gone = app.db.query(&app.queries.forget_hosts, &[&forget]).await?;
+        for r in &gone {
+            tracing::info!(host = %r.get::<_, String>(0), "forgot a host gone for longer than cluster.forget_after");
+        }
+        Ok(format!(
+            "{} runs abandoned, {} hosts forgotten",
+            rows.len(),
+            gone.len()
+        ))
+    }
+}

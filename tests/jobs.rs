@@ -1,0 +1,340 @@
+//! The scheduler across real tandem processes: exactly once per scheduled
+//! time with hosts restarting, misfire policies, overlap refusal, timeouts,
+//! retries, manual runs, and bad job configs refused.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::recorder::Recorder;
+use common::{Host, TestDb, eventually, tempdir};
+use serde_json::Value;
+
+const LEASE: &[(&str, &str)] = &[("TANDEM_LEADER_LEASE", "2s")];
+
+async fn runs(host: &Host, job: &str) -> Vec<Value> {
+    host.get_json(&format!("/v1/jobs/{job}/runs?limit=1000"))
+        .await["runs"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn field<'a>(runs: &'a [Value], key: &str) -> Vec<&'a str> {
+    runs.iter().map(|r| r[key].as_str().unwrap_or("")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_job_runs_exactly_once_per_scheduled_time_while_hosts_restart() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let recorder = Recorder::start().await;
+    let config = format!(
+        "[[jobs]]\nname = \"every-second\"\nevery = \"1s\"\nrun_on = \"once\"\nhttp = {{ url = \"{}\" }}\n",
+        recorder.url("/ok")
+    );
+    let mut hosts = Vec::new();
+    for id in ["a", "b", "c"] {
+        hosts.push(Host::start_with_config(&db.url, id, root.path(), LEASE, &config).await);
+    }
+    let started = Instant::now();
+    let mut turn = 0;
+    while started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        // One host at a time restarts; the others keep claiming.
+        hosts[turn % 3].restart().await;
+        turn += 1;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let calls = recorder.calls_of("every-second");
+    let mut per_time: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in &calls {
+        per_time
+            .entry(c.scheduled_for.clone())
+            .or_default()
+            .push(c.host.clone());
+    }
+    let doubles: Vec<_> = per_time.iter().filter(|(_, h)| h.len() > 1).collect();
+    assert!(doubles.is_empty(), "run more than once: {doubles:?}");
+    // No scheduled time between the first and the last was missed.
+    let times: Vec<i64> = per_time
+        .keys()
+        .map(|t| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp())
+        .collect();
+    let (first, last) = (times[0], *times.last().unwrap());
+    assert!(last - first >= 55, "ran from {first} to {last}");
+    let missed: Vec<i64> = (first..=last).filter(|t| !times.contains(t)).collect();
+    assert!(missed.is_empty(), "scheduled times never run: {missed:?}");
+    // Several hosts took part, and the history agrees with the endpoint.
+    let hosts_used: std::collections::HashSet<&String> = per_time.values().flatten().collect();
+    assert!(hosts_used.len() >= 2, "{hosts_used:?}");
+    let history = runs(&hosts[0], "every-second").await;
+    let succeeded = history.iter().filter(|r| r["state"] == "succeeded").count();
+    assert_eq!(succeeded, calls.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misfire_policies_after_downtime() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let recorder = Recorder::start().await;
+    let config = format!(
+        "[[jobs]]\nname = \"catch-up\"\nevery = \"2s\"\nmisfire = \"run-once\"\nhttp = {{ url = \"{ok}\" }}\n\n\
+         [[jobs]]\nname = \"forget\"\nevery = \"2s\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n",
+        ok = recorder.url("/ok")
+    );
+    let mut host = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
+    eventually("both jobs ran", Duration::from_secs(10), || async {
+        !recorder.calls_of("catch-up").is_empty() && !recorder.calls_of("forget").is_empty()
+    })
+    .await;
+    host.stop().await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    host.spawn().await;
+    eventually(
+        "runs after the restart",
+        Duration::from_secs(10),
+        || async {
+            runs(&host, "forget").await.len() >= 2
+                && runs(&host, "catch-up")
+                    .await
+                    .iter()
+                    .any(|r| r["trigger"] == "misfire" && r["state"] == "succeeded")
+        },
+    )
+    .await;
+    let catch_up = runs(&host, "catch-up").await;
+    let misfires = field(&catch_up, "trigger")
+        .iter()
+        .filter(|t| **t == "misfire")
+        .count();
+    assert_eq!(
+        misfires, 1,
+        "run-once runs the missed times once: {catch_up:?}"
+    );
+    let forget = runs(&host, "forget").await;
+    assert!(
+        !field(&forget, "trigger").contains(&"misfire"),
+        "skip never runs a missed time: {forget:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_timeouts_and_retries() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let recorder = Recorder::start().await;
+    let never = "cron = \"0 0 1 1 *\"";
+    let config = format!(
+        "[[jobs]]\nname = \"long\"\nevery = \"1s\"\nrun_on = \"once\"\nhttp = {{ url = \"{hold}\" }}\n\n\
+         [[jobs]]\nname = \"slow-http\"\n{never}\ntimeout = \"500ms\"\nhttp = {{ url = \"{slow}\" }}\n\n\
+         [[jobs]]\nname = \"slow-command\"\n{never}\ntimeout = \"500ms\"\ncommand = {{ argv = [\"sh\", \"-c\", \"echo started; sleep 30\"] }}\n\n\
+         [[jobs]]\nname = \"flaky\"\n{never}\nretries = 3\nretry_backoff = \"100ms\"\nhttp = {{ url = \"{flaky}\" }}\n\n\
+         [[jobs]]\nname = \"broken\"\n{never}\nretries = 1\nretry_backoff = \"100ms\"\ncommand = {{ argv = [\"sh\", \"-c\", \"echo bad input >&2; exit 4\"] }}\n",
+        hold = recorder.url("/hold/2500"),
+        slow = recorder.url("/slow"),
+        flaky = recorder.url("/flaky/2"),
+    );
+    let a = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
+    let b = Host::start_with_config(&db.url, "b", root.path(), LEASE, &config).await;
+    eventually("a leader", Duration::from_secs(10), || async {
+        a.get_json("/v1/role").await["leader"].is_string()
+    })
+    .await;
+    for job in ["slow-http", "slow-command", "flaky", "broken"] {
+        let r = a
+            .http
+            .post(a.url(&format!("/v1/jobs/{job}/run")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{job}");
+    }
+    let unknown = a
+        .http
+        .post(a.url("/v1/jobs/nope/run"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let v: Value = unknown.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "not_found");
+
+    eventually("the manual runs end", Duration::from_secs(20), || async {
+        let mut done = true;
+        for job in ["slow-http", "slow-command"] {
+            done &= runs(&a, job)
+                .await
+                .iter()
+                .any(|r| r["state"] == "timed_out");
+        }
+        done &= runs(&a, "flaky")
+            .await
+            .iter()
+            .any(|r| r["state"] == "succeeded");
+        done &= runs(&a, "broken").await.len() == 2
+            && runs(&a, "broken")
+                .await
+                .iter()
+                .all(|r| r["state"] == "failed");
+        done
+    })
+    .await;
+    let cmd = runs(&a, "slow-command").await;
+    assert!(
+        cmd[0]["output"].as_str().unwrap().contains("started"),
+        "{cmd:?}"
+    );
+    // Retries: two failures then success, one scheduled time, attempts 0..2.
+    let flaky = runs(&a, "flaky").await;
+    let mut states = field(&flaky, "state");
+    states.reverse();
+    assert_eq!(states, ["failed", "failed", "succeeded"], "{flaky:?}");
+    let attempts: Vec<i64> = flaky
+        .iter()
+        .rev()
+        .map(|r| r["attempt"].as_i64().unwrap())
+        .collect();
+    assert_eq!(attempts, [0, 1, 2]);
+    assert!(
+        flaky
+            .iter()
+            .all(|r| r["scheduled_for"] == flaky[0]["scheduled_for"])
+    );
+    assert_eq!(flaky[1]["http_status"], 500);
+    let broken = runs(&a, "broken").await;
+    assert_eq!(broken[0]["exit_status"], 4);
+    assert!(broken[0]["output"].as_str().unwrap().contains("bad input"));
+
+    // Overlap refused: a 2.5 s run every second never runs twice at once.
+    eventually("overlap refusals", Duration::from_secs(15), || async {
+        runs(&a, "long")
+            .await
+            .iter()
+            .filter(|r| r["state"] == "skipped")
+            .count()
+            >= 2
+    })
+    .await;
+    let long = recorder.calls_of("long");
+    for w in long.windows(2) {
+        assert!(
+            w[1].at.duration_since(w[0].at) >= Duration::from_millis(2400),
+            "two runs of `long` overlapped"
+        );
+    }
+    let skipped = runs(&b, "long").await;
+    let note = skipped.iter().find(|r| r["state"] == "skipped").unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(note.contains("still running"), "{note}");
+
+    // The jobs list shows schedules, last outcomes and where a run runs.
+    let jobs = a.get_json("/v1/jobs").await;
+    let by_name = |n: &str| {
+        jobs["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by_name("flaky")["last_run"]["state"], "succeeded");
+    assert_eq!(by_name("long")["run_on"], "once");
+    assert!(by_name("tandem.prune-log")["next_run"].is_string());
+    // Metrics count outcomes by job.
+    let m = a
+        .http
+        .get(a.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        + &b.http
+            .get(b.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+    assert!(
+        m.contains("tandem_job_runs_total{job=\"flaky\",outcome=\"succeeded\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("tandem_scheduler_last_tick_timestamp_seconds"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_host_jobs_run_on_every_host() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let recorder = Recorder::start().await;
+    let config = format!(
+        "[[jobs]]\nname = \"local\"\nevery = \"1s\"\nrun_on = \"every-host\"\nhttp = {{ url = \"{}\" }}\n",
+        recorder.url("/ok")
+    );
+    let _a = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
+    let _b = Host::start_with_config(&db.url, "b", root.path(), LEASE, &config).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let calls = recorder.calls_of("local");
+    let mut per_time: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for c in &calls {
+        per_time
+            .entry(c.scheduled_for.clone())
+            .or_default()
+            .push(c.host.clone());
+    }
+    let both = per_time.values().filter(|h| h.len() == 2).count();
+    assert!(both >= 2, "{per_time:?}");
+    assert!(
+        per_time
+            .values()
+            .all(|h| h.len() <= 2 && (h.len() < 2 || h[0] != h[1]))
+    );
+}
+
+#[test]
+fn bad_job_config_is_refused_naming_the_job_and_key() {
+    let dir = tempdir();
+    let cases = [
+        (
+            "cron = \"61 * * * *\"\ncommand = { argv = [\"true\"] }",
+            "jobs[bad].cron",
+        ),
+        (
+            "every = \"1m\"\nrun_on = \"sometimes\"\ncommand = { argv = [\"true\"] }",
+            "jobs[bad].run_on",
+        ),
+        (
+            "every = \"1m\"\nhttp = { method = \"POST\" }",
+            "jobs[bad].http.url",
+        ),
+    ];
+    for (body, key) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(
+            &path,
+            format!("data_dir = \"/tmp/x\"\n[[jobs]]\nname = \"bad\"\n{body}\n"),
+        )
+        .unwrap();
+        for cmd in ["check-config", "run"] {
+            let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+                .args([cmd, "--config", path.to_str().unwrap()])
+                .env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default())
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{cmd} accepted {body}");
+            assert!(stderr.contains(key), "{cmd}: {stderr}");
+        }
+    }
+}
