@@ -104,11 +104,6 @@ pub async fn heartbeat_loop(app: Arc<App>, cancel: CancellationToken) {
             _ = tokio::time::sleep(leader_deadline.unwrap_or(Duration::MAX / 4)), if leader_deadline.is_some() => {}
         }
         app.leadership.check_deadline(&app.metrics.coord);
-        if app.is_shutting_down() {
-            // No new term now: the lease is being handed over.
-            next = tokio::time::Instant::now() + app.config.cluster.heartbeat_interval;
-            continue;
-        }
         let result = heartbeat(&app).await;
         next = tokio::time::Instant::now()
             + app

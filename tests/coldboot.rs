@@ -122,7 +122,7 @@ async fn every_cold_boot_trigger() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("migrated from version 0 to 1"),
+        String::from_utf8_lossy(&out.stdout).contains("migrated from version 0 to 2"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
@@ -275,7 +275,13 @@ async fn pruning_never_passes_a_live_host_unless_past_max_retain() {
     let db = TestDb::new().await;
     let root = tempdir();
     let a = Host::start(&db.url, "a", root.path(), PRUNE_FAST).await;
-    let b = Host::start(&db.url, "b", root.path(), PRUNE_FAST).await;
+    // b is frozen below: the leader (which prunes) must be a.
+    let follower: Vec<(&str, &str)> = PRUNE_FAST
+        .iter()
+        .copied()
+        .chain([("TANDEM_LEADER_ELIGIBLE", "false")])
+        .collect();
+    let b = Host::start(&db.url, "b", root.path(), &follower).await;
     a.wait_ready().await;
     b.wait_ready().await;
     a.put("c", "k", b"0", "?wait=cluster").await;
@@ -313,7 +319,12 @@ async fn pruning_never_passes_a_live_host_unless_past_max_retain() {
         .chain([("TANDEM_SYNC_MAX_RETAIN", "1s")])
         .collect();
     let a = Host::start(&db.url, "a", root.path(), &capped).await;
-    let b = Host::start(&db.url, "b", root.path(), &capped).await;
+    let capped_follower: Vec<(&str, &str)> = capped
+        .iter()
+        .copied()
+        .chain([("TANDEM_LEADER_ELIGIBLE", "false")])
+        .collect();
+    let b = Host::start(&db.url, "b", root.path(), &capped_follower).await;
     a.wait_ready().await;
     b.wait_ready().await;
     b.pause();

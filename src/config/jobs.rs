@@ -504,6 +504,12 @@ impl Job<'_> {
         }
         let headers = self.string_map("http.headers", t.get("headers"))?;
         for (k, v) in &headers {
+            if k.to_ascii_lowercase().starts_with("tandem-") {
+                return Err(self.err(
+                    &format!("http.headers.{k}"),
+                    "Tandem-* headers are set by tandem itself",
+                ));
+            }
             if reqwest::header::HeaderName::from_bytes(k.as_bytes()).is_err()
                 || reqwest::header::HeaderValue::from_str(v).is_err()
             {

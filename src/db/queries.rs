@@ -109,8 +109,8 @@ impl Queries {
             queue_run: r("SELECT run_id, extract(epoch FROM scheduled_for)::float8 \
                           FROM {schema}.queue_run($1::text, $2::bool)"),
             take_queued: r(
-                "SELECT run_id, job, extract(epoch FROM scheduled_for)::float8 \
-                            FROM {schema}.take_queued($1::text[], $2::text, $3::int8)",
+                "SELECT run_id, job, extract(epoch FROM scheduled_for)::float8, fencing_token \
+                 FROM {schema}.take_queued($1::text[], $2::text[], $3::text, $4::int8)",
             ),
             abandon_runs: r(
                 "SELECT id, job, extract(epoch FROM scheduled_for)::float8, slot, attempt, host \
@@ -132,7 +132,8 @@ impl Queries {
             )),
             prune_runs: r("WITH gone AS (DELETE FROM {schema}.job_runs WHERE id IN ( \
                              SELECT id FROM {schema}.job_runs \
-                              WHERE finished_at < clock_timestamp() - make_interval(secs => $1::float8) \
+                              WHERE coalesce(finished_at, CASE WHEN state = 'queued' THEN claimed_at END) \
+                                    < clock_timestamp() - make_interval(secs => $1::float8) \
                               LIMIT 10000) RETURNING 1) SELECT count(*) FROM gone"),
             forget_hosts: r("DELETE FROM {schema}.hosts \
                              WHERE heartbeat_at < clock_timestamp() - make_interval(secs => $1::float8) \
@@ -141,7 +142,7 @@ impl Queries {
     }
 }
 
-/// The columns of a job run, in the order `sched::store::Run::from_row` reads them.
+/// The columns of a job run, in the order `sched::api::RunView::from_row` reads them.
 pub const RUN_COLUMNS: &str = "id, job, \
     to_char(scheduled_for AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'), slot, attempt, \
     trigger, state, host, fencing_token, \

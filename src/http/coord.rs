@@ -326,8 +326,7 @@ pub async fn bump(
     authorize(&app, &headers)?;
     version_name(&name)?;
     let (wait, deadline) = query(q)?.parse(&app)?;
-    app.metrics.coord.version_bumps.inc();
-    commit_with(
+    let answer = commit_with(
         &app,
         &app.queries.bump,
         &app.queries.bump_ack,
@@ -336,5 +335,7 @@ pub async fn bump(
         deadline,
         |row| json!({"name": name, "version": row.get::<_, i64>(1)}),
     )
-    .await
+    .await?;
+    app.metrics.coord.version_bumps.inc();
+    Ok(answer)
 }

@@ -60,7 +60,7 @@ impl Outcome {
         }
     }
 
-    fn timed_out(timeout: Duration, output: String) -> Self {
+    pub fn timed_out(timeout: Duration, output: String) -> Self {
         Self {
             state: "timed_out",
             exit_status: None,
@@ -150,6 +150,17 @@ pub async fn http(
     }
 }
 
+/// Kills a process group when dropped (a no-op if it already exited).
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 async fn drain(mut r: impl AsyncRead + Unpin, tail: std::sync::Arc<std::sync::Mutex<Tail>>) {
     let mut buf = [0u8; 8192];
     loop {
@@ -169,6 +180,15 @@ pub async fn command(
     tail: usize,
 ) -> Outcome {
     let mut cmd = tokio::process::Command::new(&a.argv[0]);
+    // tandem's own settings (which may hold the database password) are not
+    // the command's business.
+    for (k, _) in std::env::vars_os() {
+        if k.to_str()
+            .is_some_and(|k| k.starts_with("TANDEM_") || k == "DATABASE_URL")
+        {
+            cmd.env_remove(k);
+        }
+    }
     cmd.args(&a.argv[1..])
         .envs(a.env.iter().map(|(k, v)| (k, v)))
         .env("TANDEM_FENCING_TOKEN", ctx.fencing_token.to_string())
@@ -189,6 +209,8 @@ pub async fn command(
         Ok(c) => c,
         Err(e) => return Outcome::failed(format!("cannot start {:?}: {e}", a.argv[0])),
     };
+    // If this task is dropped (shutdown), the whole process group goes too.
+    let _group = child.id().map(GroupGuard);
     let out = std::sync::Arc::new(std::sync::Mutex::new(Tail::new(tail)));
     let readers = [
         child

@@ -305,6 +305,12 @@ impl Scheduler {
             .filter(|j| j.run_on != RunOn::Leader || leader.is_some())
             .map(|j| j.name.clone())
             .collect();
+        let leader_jobs: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|j| j.run_on == RunOn::Leader && leader.is_some())
+            .map(|j| j.name.clone())
+            .collect();
         loop {
             let app = &self.app;
             app.metrics.db_queries.with_label_values(&["jobs"]).inc();
@@ -313,7 +319,7 @@ impl Scheduler {
                 .db
                 .query(
                     &app.queries.take_queued,
-                    &[&names, &app.config.host_id, &token],
+                    &[&names, &leader_jobs, &app.config.host_id, &token],
                 )
                 .await
             {
@@ -336,11 +342,7 @@ impl Scheduler {
                 attempt: 0,
                 trigger: "manual",
             };
-            let token = if job.run_on == RunOn::Leader {
-                token
-            } else {
-                id
-            };
+            let token: i64 = row.get(3);
             self.runs
                 .spawn(async move { runner.run(p, Some((id, token))).await });
         }
@@ -374,7 +376,8 @@ impl Runner {
                 return;
             };
             let outcome = self.execute(&job, id, p.at, p.attempt, token).await;
-            if outcome == "succeeded" || p.attempt as u32 >= job.retries {
+            let failed = matches!(outcome, "failed" | "timed_out");
+            if !failed || p.attempt as u32 >= job.retries {
                 return;
             }
             let backoff = job
@@ -490,7 +493,7 @@ impl Runner {
                 Action::Builtin(b) => {
                     match tokio::time::timeout(job.timeout, self.builtin(*b)).await {
                         Ok(o) => o,
-                        Err(_) => Outcome::failed("timed out"),
+                        Err(_) => Outcome::timed_out(job.timeout, String::new()),
                     }
                 }
             }
@@ -555,11 +558,18 @@ impl Runner {
             }
             Builtin::PruneJobHistory => {
                 let retain = app.config.scheduler.history_retain.as_secs_f64();
-                match app.db.query_one(&app.queries.prune_runs, &[&retain]).await {
-                    Ok(row) => {
-                        Outcome::succeeded(format!("deleted {} job runs", row.get::<_, i64>(0)))
+                let mut total = 0;
+                loop {
+                    match app.db.query_one(&app.queries.prune_runs, &[&retain]).await {
+                        Ok(row) => {
+                            let n: i64 = row.get(0);
+                            total += n;
+                            if n < 10_000 {
+                                break Outcome::succeeded(format!("deleted {total} job runs"));
+                            }
+                        }
+                        Err(e) => break Outcome::failed(e.to_string()),
                     }
-                    Err(e) => Outcome::failed(e.to_string()),
                 }
             }
             Builtin::MarkStaleHosts => match self.mark_stale().await {

@@ -127,9 +127,14 @@ BEGIN
         RETURN;
     END IF;
     IF NOT p_overlap THEN
-        PERFORM {schema}.abandon_runs(p_missed);
+        -- Runs of dead hosts do not block (tandem.mark-stale-hosts marks
+        -- them abandoned and retries them).
         SELECT r.id, r.host INTO busy FROM {schema}.job_runs r
-         WHERE r.job = p_job AND r.slot = p_slot AND r.state = 'running' LIMIT 1;
+          JOIN {schema}.hosts h ON h.id = r.host
+         WHERE r.job = p_job AND r.slot = p_slot AND r.state = 'running'
+           AND h.stopped_at IS NULL
+           AND h.heartbeat_at > clock_timestamp() - h.heartbeat_interval * p_missed
+         LIMIT 1;
         IF FOUND THEN
             INSERT INTO {schema}.job_runs AS r (job, scheduled_for, slot, attempt, trigger, state,
                                                 host, fencing_token, finished_at, error)
@@ -159,17 +164,24 @@ BEGIN
 END $$;
 
 -- Takes the oldest queued (manually requested) run of one of p_jobs.
-CREATE FUNCTION {schema}.take_queued(p_jobs text[], p_host text, p_token bigint)
-RETURNS TABLE (run_id bigint, job text, scheduled_for timestamptz)
+-- p_leader_jobs (a subset) are taken only with the current leader term,
+-- whose token they carry; the others carry their run id.
+CREATE FUNCTION {schema}.take_queued(p_jobs text[], p_leader_jobs text[], p_host text,
+                                     p_token bigint)
+RETURNS TABLE (run_id bigint, job text, scheduled_for timestamptz, fencing_token bigint)
 LANGUAGE sql AS $$
     UPDATE {schema}.job_runs r
        SET state = 'running', host = p_host,
-           fencing_token = CASE WHEN p_token = 0 THEN r.id ELSE p_token END,
+           fencing_token = CASE WHEN r.job = ANY (p_leader_jobs) THEN p_token ELSE r.id END,
            started_at = clock_timestamp()
      WHERE r.id = (SELECT q.id FROM {schema}.job_runs q
                     WHERE q.state = 'queued' AND q.job = ANY (p_jobs)
+                      AND (NOT q.job = ANY (p_leader_jobs) OR EXISTS (
+                           SELECT 1 FROM {schema}.leases l
+                            WHERE l.name = 'leader' AND l.holder = p_host AND l.token = p_token
+                              AND l.expires_at > clock_timestamp()))
                     ORDER BY q.id LIMIT 1 FOR UPDATE SKIP LOCKED)
-    RETURNING r.id, r.job, r.scheduled_for;
+    RETURNING r.id, r.job, r.scheduled_for, r.fencing_token;
 $$;
 
 -- Queues a manual run ("run now, once cluster-wide") and wakes the hosts.
