@@ -25,7 +25,7 @@ struct Args {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// Config file (default: /etc/tandem/tandem.toml if it exists, else built-in defaults).
-    #[arg(long, short, env = "TANDEM_CONFIG")]
+    #[arg(long, short, env = "TANDEM_CONFIG", global = true)]
     config: Option<PathBuf>,
 }
 

@@ -338,3 +338,82 @@ fn bad_job_config_is_refused_naming_the_job_and_key() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_hosts_run_is_abandoned_and_retried_elsewhere() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let recorder = Recorder::start().await;
+    let config = format!(
+        "[[jobs]]\nname = \"long\"\ncron = \"0 0 1 1 *\"\nrun_on = \"once\"\nretries = 1\nretry_backoff = \"100ms\"\ntimeout = \"1m\"\nhttp = {{ url = \"{}\" }}\n\n\
+         [[jobs]]\nname = \"tandem.mark-stale-hosts\"\nevery = \"1s\"\n",
+        recorder.url("/hold/20000")
+    );
+    let mut hosts = Vec::new();
+    for id in ["a", "b"] {
+        hosts.push(Host::start_with_config(&db.url, id, root.path(), LEASE, &config).await);
+    }
+    eventually("a leader", Duration::from_secs(10), || async {
+        hosts[0].get_json("/v1/role").await["leader"].is_string()
+    })
+    .await;
+    // `tandem jobs run` and `tandem jobs`, through the local daemon.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .args(["--config", "/dev/null"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TANDEM_API_LISTEN", hosts[0].addr.to_string())
+            .env("TANDEM_DATA_DIR", hosts[0].dir.display().to_string())
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["jobs", "run", "long"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("queued run"));
+    eventually("the run starts", Duration::from_secs(10), || async {
+        !recorder.calls_of("long").is_empty()
+    })
+    .await;
+    let out = cli(&["jobs"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("long") && table.contains("running"),
+        "{table}"
+    );
+
+    let first = recorder.calls_of("long")[0].clone();
+    assert_eq!(first.attempt, 0);
+    let idx = hosts.iter().position(|h| h.id == first.host).unwrap();
+    hosts[idx].kill();
+    let survivor = &hosts[1 - idx];
+    eventually(
+        "the retry runs on the other host",
+        Duration::from_secs(20),
+        || async {
+            recorder
+                .calls_of("long")
+                .iter()
+                .any(|c| c.attempt == 1 && c.host == survivor.id)
+        },
+    )
+    .await;
+    let history = runs(survivor, "long").await;
+    let states: Vec<(&str, i64)> = history
+        .iter()
+        .map(|r| (r["state"].as_str().unwrap(), r["attempt"].as_i64().unwrap()))
+        .collect();
+    assert!(states.contains(&("abandoned", 0)), "{states:?}");
+    assert!(states.contains(&("running", 1)), "{states:?}");
+    assert_eq!(
+        survivor
+            .metric("tandem_job_runs_total{job=\"long\",outcome=\"abandoned\"}")
+            .await,
+        Some(1.0)
+    );
+}
