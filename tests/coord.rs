@@ -23,6 +23,9 @@ async fn locks_exclude_across_hosts_with_increasing_tokens() {
     for id in ["a", "b", "c"] {
         hosts.push(Arc::new(Host::start(&db.url, id, root.path(), &[]).await));
     }
+    for h in &hosts {
+        h.wait_ready().await;
+    }
     let held = Arc::new(AtomicBool::new(false));
     let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut workers = Vec::new();
@@ -113,6 +116,8 @@ async fn a_dead_holders_lock_frees_at_its_ttl() {
     let root = tempdir();
     let mut a = Host::start(&db.url, "a", root.path(), &[]).await;
     let b = Host::start(&db.url, "b", root.path(), &[]).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
     let (status, v) = post(&a, "/v1/locks/import", json!({"ttl": "2s"})).await;
     assert_eq!(status, 200);
     let first = v["token"].as_i64().unwrap();
@@ -135,6 +140,7 @@ async fn version_counters_travel_through_the_log_and_survive_restarts() {
     let root = tempdir();
     let a = Host::start(&db.url, "a", root.path(), &[]).await;
     let mut b = Host::start(&db.url, "b", root.path(), &[]).await;
+    a.wait_ready().await;
     b.wait_ready().await;
     assert_eq!(b.get_json("/v1/versions/content").await["version"], 0);
     for expected in 1..=3 {

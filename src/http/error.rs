@@ -92,6 +92,13 @@ impl From<DbError> for ApiError {
                     "invalid_request",
                     e.db_message().unwrap_or_else(|| e.to_string()),
                 ),
+                // The schema is not there (yet): tandem migrates it when it
+                // first reaches the database.
+                Some("3F000" | "42P01" | "42883") => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_not_ready",
+                    "tandem's schema is not in the database yet (it is created when tandem first connects); try again shortly",
+                ),
                 Some("57014") => ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "database_timeout",

@@ -48,6 +48,43 @@ fn from_ts(secs: f64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis((secs * 1000.0).round() as i64).unwrap_or_default()
 }
 
+/// The runs due in `(cursor, now]`, advancing `cursor` past them: every
+/// time at most `grace` old (on time; several if the scheduler woke late),
+/// and for older ones (misfires) the latest, with `run-once` and when no
+/// on-time run covers it. Also what `skip` forgot: the latest and how many.
+fn plan(
+    schedule: &Schedule,
+    misfire: Misfire,
+    cursor: &mut DateTime<Utc>,
+    now: DateTime<Utc>,
+    grace: chrono::Duration,
+) -> (
+    Vec<(DateTime<Utc>, &'static str)>,
+    Option<(DateTime<Utc>, u64)>,
+) {
+    let edge = now - grace - chrono::Duration::milliseconds(1);
+    let late = latest_due(schedule, *cursor, edge);
+    let mut times = Vec::new();
+    let mut t = late.map_or(*cursor, |(at, _)| at).max(*cursor);
+    while let Some(next) = schedule.next_after(t) {
+        if next > now || times.len() >= 10 {
+            break;
+        }
+        times.push((next, "schedule"));
+        t = next;
+    }
+    *cursor = t;
+    let mut skipped = None;
+    if let Some((at, count)) = late {
+        match misfire {
+            Misfire::RunOnce if times.is_empty() => times.push((at, "misfire")),
+            Misfire::RunOnce => {}
+            Misfire::Skip => skipped = Some((at, count)),
+        }
+    }
+    (times, skipped)
+}
+
 /// The latest scheduled time in `(after, now]` and how many there are.
 fn latest_due(
     schedule: &Schedule,
@@ -254,28 +291,21 @@ impl Scheduler {
                 .cursors
                 .get_mut(&job.name)
                 .expect("every job has a cursor");
-            let Some((at, count)) = latest_due(&job.schedule, *cursor, now) else {
-                continue;
-            };
-            *cursor = at.max(*cursor);
-            let on_time = now - at <= grace;
-            let trigger = match (on_time, job.misfire) {
-                (true, _) => "schedule",
-                (false, Misfire::RunOnce) => "misfire",
-                (false, Misfire::Skip) => {
-                    tracing::info!(job = %job.name, missed = count, latest = %at, "skipping missed scheduled times (misfire = \"skip\")");
-                    continue;
-                }
-            };
+            let (times, skipped) = plan(&job.schedule, job.misfire, cursor, now, grace);
+            if let Some((at, count)) = skipped {
+                tracing::info!(job = %job.name, missed = count, latest = %at, "skipping missed scheduled times (misfire = \"skip\")");
+            }
             if job.run_on == RunOn::Leader && self.app.leadership.term().is_none() {
                 continue;
             }
-            planned.push(Planned {
-                job: job.clone(),
-                at,
-                attempt: 0,
-                trigger,
-            });
+            for (at, trigger) in times {
+                planned.push(Planned {
+                    job: job.clone(),
+                    at,
+                    attempt: 0,
+                    trigger,
+                });
+            }
         }
         for p in planned {
             self.spawn(p);
@@ -619,5 +649,54 @@ impl Runner {
             rows.len(),
             gone.len()
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: f64) -> DateTime<Utc> {
+        from_ts(1_699_999_200.0 + secs) // a multiple of an hour
+    }
+
+    #[test]
+    fn plans_on_time_runs_and_misfires() {
+        let every = Schedule::Every(Duration::from_millis(500));
+        let grace = chrono::Duration::seconds(1);
+        // On time: the one due run.
+        let mut cursor = at(0.0);
+        let (times, skipped) = plan(&every, Misfire::Skip, &mut cursor, at(0.6), grace);
+        assert_eq!(times, vec![(at(0.5), "schedule")]);
+        assert!(skipped.is_none());
+        assert_eq!(cursor, at(0.5));
+        // Woke 0.9 s late: both times still within the grace run.
+        let (times, _) = plan(&every, Misfire::Skip, &mut cursor, at(1.9), grace);
+        assert_eq!(times, vec![(at(1.0), "schedule"), (at(1.5), "schedule")]);
+        // Down for 10 s: skip forgets the old times, runs the on-time ones.
+        let (times, skipped) = plan(&every, Misfire::Skip, &mut cursor, at(12.2), grace);
+        assert_eq!(times, vec![(at(11.5), "schedule"), (at(12.0), "schedule")]);
+        assert_eq!(skipped, Some((at(11.0), 19)));
+        // run-once: with no on-time run, the latest missed time runs once.
+        let hourly = Schedule::Every(Duration::from_secs(3600));
+        let mut cursor = at(0.0);
+        let (times, skipped) = plan(
+            &hourly,
+            Misfire::RunOnce,
+            &mut cursor,
+            at(3.0 * 3600.0 + 60.0),
+            grace,
+        );
+        assert_eq!(times, vec![(at(3.0 * 3600.0), "misfire")]);
+        assert!(skipped.is_none());
+        assert_eq!(cursor, at(3.0 * 3600.0));
+        let (times, _) = plan(
+            &hourly,
+            Misfire::RunOnce,
+            &mut cursor,
+            at(3.0 * 3600.0 + 61.0),
+            grace,
+        );
+        assert!(times.is_empty());
     }
 }
