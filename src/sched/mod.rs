@@ -48,6 +48,9 @@ fn from_ts(secs: f64) -> DateTime<Utc> {
     DateTime::from_timestamp_millis((secs * 1000.0).round() as i64).unwrap_or_default()
 }
 
+/// A scheduled time to run and its trigger (`schedule` or `misfire`).
+type Due = (DateTime<Utc>, &'static str);
+
 /// The runs due in `(cursor, now]`, advancing `cursor` past them: every
 /// time at most `grace` old (on time; several if the scheduler woke late),
 /// and for older ones (misfires) the latest, with `run-once` and when no
@@ -58,10 +61,7 @@ fn plan(
     cursor: &mut DateTime<Utc>,
     now: DateTime<Utc>,
     grace: chrono::Duration,
-) -> (
-    Vec<(DateTime<Utc>, &'static str)>,
-    Option<(DateTime<Utc>, u64)>,
-) {
+) -> (Vec<Due>, Option<(DateTime<Utc>, u64)>) {
     let edge = now - grace - chrono::Duration::milliseconds(1);
     let late = latest_due(schedule, *cursor, edge);
     let mut times = Vec::new();
