@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -50,13 +49,7 @@ async fn once_job_runs_exactly_once_per_scheduled_time_while_hosts_restart() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let calls = recorder.calls_of("every-second");
-    let mut per_time: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for c in &calls {
-        per_time
-            .entry(c.scheduled_for.clone())
-            .or_default()
-            .push(c.host.clone());
-    }
+    let per_time = recorder.hosts_per_time("every-second");
     let doubles: Vec<_> = per_time.iter().filter(|(_, h)| h.len() > 1).collect();
     assert!(doubles.is_empty(), "run more than once: {doubles:?}");
     // No scheduled time between the first and the last was missed.
@@ -284,14 +277,7 @@ async fn every_host_jobs_run_on_every_host() {
     let _a = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
     let _b = Host::start_with_config(&db.url, "b", root.path(), LEASE, &config).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let calls = recorder.calls_of("local");
-    let mut per_time: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for c in &calls {
-        per_time
-            .entry(c.scheduled_for.clone())
-            .or_default()
-            .push(c.host.clone());
-    }
+    let per_time = recorder.hosts_per_time("local");
     let both = per_time.values().filter(|h| h.len() == 2).count();
     assert!(both >= 2, "{per_time:?}");
     assert!(

@@ -134,15 +134,22 @@ pub async fn run_now(
     }
 }
 
-fn lock_name(name: &str) -> Result<(), ApiError> {
+/// Lock and version names share one rule (`locks::valid_name`).
+fn check_name(name: &str, code: &'static str, what: &str) -> Result<(), ApiError> {
     if locks::valid_name(name) {
         Ok(())
     } else {
         Err(ApiError::bad_request(
-            "invalid_lock_name",
-            "lock names are 1 to 128 characters of [A-Za-z0-9._:-], starting with a letter or digit",
+            code,
+            format!(
+                "{what} names are 1 to 128 characters of [A-Za-z0-9._:-], starting with a letter or digit"
+            ),
         ))
     }
+}
+
+fn lock_name(name: &str) -> Result<(), ApiError> {
+    check_name(name, "invalid_lock_name", "lock")
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -284,14 +291,7 @@ pub async fn release(
 }
 
 fn version_name(name: &str) -> Result<(), ApiError> {
-    if locks::valid_name(name) {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(
-            "invalid_version_name",
-            "version names are 1 to 128 characters of [A-Za-z0-9._:-], starting with a letter or digit",
-        ))
-    }
+    check_name(name, "invalid_version_name", "version")
 }
 
 /// `GET /v1/versions`: every counter, from memory.

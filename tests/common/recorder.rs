@@ -103,6 +103,15 @@ impl Recorder {
         self.inner.lock().unwrap().calls.clone()
     }
 
+    /// The hosts that called for each scheduled time of one job.
+    pub fn hosts_per_time(&self, job: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut per_time = std::collections::BTreeMap::<String, Vec<String>>::new();
+        for c in self.calls_of(job) {
+            per_time.entry(c.scheduled_for).or_default().push(c.host);
+        }
+        per_time
+    }
+
     /// Calls of one job.
     pub fn calls_of(&self, job: &str) -> Vec<Call> {
         self.calls().into_iter().filter(|c| c.job == job).collect()
