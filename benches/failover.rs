@@ -317,4 +317,58 @@ async fn locks(pg: &Pg) {
     println!("Locks over localhost HTTP, one client, {n} acquire/release pairs:");
     println!("{}", fmt("acquire (POST /v1/locks/{name})", acquire, "ms"));
     println!("{}", fmt("release (DELETE ...?token=)", release, "ms"));
+
+    // Hand-off between hosts: a client waiting on host B gets the lock when
+    // a client on host A releases it.
+    let b = Host::start(&db.url, "l1", root.path(), &[("TANDEM_LOG_LEVEL", "info")]).await;
+    b.wait_ready().await;
+    let mut handoff = Vec::new();
+    for _ in 0..env_u64("BENCH_HANDOFFS", 200) {
+        let r = h
+            .http
+            .post(h.url("/v1/locks/handoff"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+            .as_i64()
+            .unwrap();
+        let (client, url) = (b.http.clone(), b.url("/v1/locks/handoff"));
+        let waiter = tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .json(&serde_json::json!({"ttl": "30s", "wait": "10s"}))
+                .send()
+                .await
+                .unwrap();
+            let v: serde_json::Value = r.json().await.unwrap();
+            (Instant::now(), v["token"].as_i64().unwrap())
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let released = Instant::now();
+        let r = h
+            .http
+            .delete(h.url(&format!("/v1/locks/handoff?token={token}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let (got, token) = waiter.await.unwrap();
+        handoff.push(got.duration_since(released).as_secs_f64() * 1000.0);
+        let _ = b
+            .http
+            .delete(b.url(&format!("/v1/locks/handoff?token={token}")))
+            .send()
+            .await
+            .unwrap();
+    }
+    println!(
+        "{}",
+        fmt(
+            "hand-off: release on A -> waiter on B has it",
+            handoff,
+            "ms"
+        )
+    );
 }

@@ -46,6 +46,10 @@ pub async fn acquire(
     let mut pause = Duration::from_millis(10);
     let mut waited = false;
     loop {
+        // Registered before asking, so a release in between is not missed.
+        let released = app.sync.lock_released.notified();
+        tokio::pin!(released);
+        released.as_mut().enable();
         app.metrics.db_queries.with_label_values(&["lock"]).inc();
         let row = app
             .db
@@ -74,11 +78,15 @@ pub async fn acquire(
             return Ok(state);
         }
         waited = true;
-        // Poll again soon, or when the holder's TTL runs out if sooner.
+        // Ask again when a lock is released anywhere (a notification), when
+        // the holder's TTL runs out, or after a backoff, whichever is first.
         let until_expiry = Duration::from_secs_f64(state.expires_in) + Duration::from_millis(2);
         let sleep = pause.min(until_expiry).min(deadline - now);
-        tokio::time::sleep(sleep).await;
-        pause = (pause * 2).min(Duration::from_millis(200));
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = &mut released => {}
+        }
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
 }
 

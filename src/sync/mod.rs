@@ -94,6 +94,7 @@ pub struct Syncer {
     ackreq_channel: String,
     leader_channel: String,
     jobs_channel: String,
+    locks_channel: String,
 }
 
 /// A page whose commit is queued in the applier.
@@ -139,6 +140,7 @@ impl Syncer {
             ackreq_channel: db::channel(&settings.schema, "ackreq"),
             leader_channel: db::channel(&settings.schema, "leader"),
             jobs_channel: db::channel(&settings.schema, "jobs"),
+            locks_channel: db::channel(&settings.schema, "locks"),
             settings,
             pg,
             shared,
@@ -249,12 +251,13 @@ impl Syncer {
     ) -> Result<(), SessionError> {
         client
             .batch_execute(&format!(
-                "LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {};",
+                "LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {}; LISTEN {};",
                 self.log_channel,
                 self.ack_channel,
                 self.ackreq_channel,
                 self.leader_channel,
-                self.jobs_channel
+                self.jobs_channel,
+                self.locks_channel
             ))
             .await?;
         // Notifications sent while disconnected are lost: look again.
@@ -347,6 +350,10 @@ impl Syncer {
         }
         if channel == self.jobs_channel {
             self.shared.jobs_queued.notify_one();
+            return Ok(false);
+        }
+        if channel == self.locks_channel {
+            self.shared.lock_released.notify_waiters();
             return Ok(false);
         }
         if channel == self.ackreq_channel

@@ -31,6 +31,8 @@ pub struct SyncShared {
     /// Woken when a manual job run was queued (or notifications may have
     /// been missed while reconnecting).
     pub jobs_queued: Notify,
+    /// Woken (all waiters) when an app lock was released anywhere.
+    pub lock_released: Notify,
 }
 
 /// A snapshot of the sync task's state.
@@ -60,6 +62,7 @@ impl SyncShared {
             alive: Mutex::new(Instant::now()),
             leader_released: Notify::new(),
             jobs_queued: Notify::new(),
+            lock_released: Notify::new(),
         }
     }
 

@@ -267,14 +267,19 @@ RETURNS double precision LANGUAGE sql AS $$
     RETURNING extract(epoch FROM expires_at - clock_timestamp())::float8;
 $$;
 
--- Releases a held lock; false if p_token no longer holds it.
+-- Releases a held lock (waking the hosts whose clients wait for it);
+-- false if p_token no longer holds it.
 CREATE FUNCTION {schema}.lock_release(p_name text, p_token bigint)
 RETURNS boolean LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE {schema}.locks SET holder = NULL, owner = NULL, expires_at = clock_timestamp()
      WHERE name = p_name AND token = p_token AND holder IS NOT NULL
        AND expires_at > clock_timestamp();
-    RETURN FOUND;
+    IF FOUND THEN
+        PERFORM pg_notify('{channel}_locks', p_name);
+        RETURN true;
+    END IF;
+    RETURN false;
 END $$;
 
 -- Version counters live in `entries` under the reserved cache `_versions`
