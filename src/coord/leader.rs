@@ -96,6 +96,12 @@ impl Leadership {
             .map(|(t, _)| t)
     }
 
+    /// Whether a lease statement has answered yet (so [`Self::now_db`]
+    /// follows the database's clock).
+    pub fn observed(&self) -> bool {
+        self.state.lock().expect("not poisoned").observed
+    }
+
     /// Wakes when this host's term starts or ends.
     pub fn subscribe(&self) -> watch::Receiver<i64> {
         self.term_tx.subscribe()

@@ -177,6 +177,15 @@ impl Scheduler {
     /// [`SHUTDOWN_GRACE`].
     pub async fn run(mut self, cancel: CancellationToken) {
         let mut term_rx = self.app.leadership.subscribe();
+        // Schedules follow the database's clock: wait (a little) for the
+        // first heartbeat to measure it.
+        let started = Instant::now();
+        while !self.app.leadership.observed() && started.elapsed() < Duration::from_secs(10) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
         let mut term = *term_rx.borrow_and_update();
         self.init_cursors(|_| true).await;
         let mut check_queue = true;
