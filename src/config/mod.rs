@@ -478,8 +478,14 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
     let sc = raw.scheduler;
     let scheduler = SchedulerConfig {
         history_retain: duration("scheduler.history_retain", sc.history_retain, "7d")?,
-        output_tail: size("scheduler.output_tail", sc.output_tail, 4096)?.min(1 << 20) as usize,
+        output_tail: size("scheduler.output_tail", sc.output_tail, 4096)? as usize,
     };
+    if scheduler.output_tail > 1 << 20 {
+        return Err(ConfigError::key(
+            "scheduler.output_tail",
+            "must be at most 1MiB (it is stored with every run)",
+        ));
+    }
     let jobs = jobs::parse(&raw.jobs, sync.prune_interval)?;
 
     let l = raw.log;

@@ -599,6 +599,7 @@ impl Runner {
                 let retain = app.config.scheduler.history_retain.as_secs_f64();
                 let mut total = 0;
                 loop {
+                    app.metrics.db_queries.with_label_values(&["jobs"]).inc();
                     match app.db.query_one(&app.queries.prune_runs, &[&retain]).await {
                         Ok(row) => {
                             let n: i64 = row.get(0);
@@ -624,6 +625,7 @@ impl Runner {
     async fn mark_stale(&self) -> Result<String, DbError> {
         let app = &self.app;
         let missed = app.config.cluster.stale_after as i32;
+        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
         let rows = app.db.query(&app.queries.abandon_runs, &[&missed]).await?;
         for r in &rows {
             let name: String = r.get(1);
@@ -649,6 +651,7 @@ impl Runner {
             }
         }
         let forget = app.config.cluster.forget_after.as_secs_f64();
+        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
         let gone = app.db.query(&app.queries.forget_hosts, &[&forget]).await?;
         for r in &gone {
             tracing::info!(host = %r.get::<_, String>(0), "forgot a host gone for longer than cluster.forget_after");
