@@ -134,15 +134,7 @@ fn proc_stat(pid: i32) -> (f64, f64) {
 }
 
 async fn queries(h: &Host) -> f64 {
-    let text = h
-        .http
-        .get(h.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = h.metrics_text().await.unwrap();
     text.lines()
         .filter(|l| l.starts_with("tandem_db_queries_total{"))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))

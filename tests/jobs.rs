@@ -241,23 +241,7 @@ async fn overlap_timeouts_and_retries() {
     assert_eq!(by_name("long")["run_on"], "once");
     assert!(by_name("tandem.prune-log")["next_run"].is_string());
     // Metrics count outcomes by job.
-    let m = a
-        .http
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-        + &b.http
-            .get(b.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+    let m = a.metrics_text().await.unwrap() + &b.metrics_text().await.unwrap();
     assert!(
         m.contains("tandem_job_runs_total{job=\"flaky\",outcome=\"succeeded\"} 1"),
         "{m}"

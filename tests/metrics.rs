@@ -29,15 +29,7 @@ async fn promtool_accepts_the_metrics_and_the_docs_list_them() {
     a.wait_ready().await;
     a.put("c", "k", b"v", "?wait=local").await;
     let _ = a.http.get(a.url("/nope")).send().await;
-    let text = a
-        .http
-        .get(a.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = a.metrics_text().await.unwrap();
 
     let mut child = Command::new(promtool())
         .args(["check", "metrics"])

@@ -569,16 +569,20 @@ impl Host {
     }
 
     /// Scrapes one metric sample (exact series text before the value).
-    pub async fn metric(&self, series: &str) -> Option<f64> {
-        let text = self
-            .http
+    /// The text of `/metrics`.
+    pub async fn metrics_text(&self) -> Option<String> {
+        self.http
             .get(self.url("/metrics"))
             .send()
             .await
             .ok()?
             .text()
             .await
-            .ok()?;
+            .ok()
+    }
+
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let text = self.metrics_text().await?;
         text.lines().find_map(|l| {
             let (name, value) = l.rsplit_once(' ')?;
             (name == series).then(|| value.parse().ok())?
