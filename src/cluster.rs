@@ -92,16 +92,12 @@ pub async fn heartbeat_loop(app: Arc<App>, cancel: CancellationToken) {
     let mut failing = false;
     let mut next = tokio::time::Instant::now();
     loop {
-        let leader_deadline = app.leadership.term().map(|_| {
-            app.leadership
-                .next_beat(app.config.cluster.heartbeat_interval)
-        });
+        // `next` is never later than this host's term deadline (see
+        // `Leadership::next_beat`), so a term whose renewals fail ends on time.
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep_until(next) => {}
             _ = app.sync.leader_released.notified(), if app.leadership.eligible() => {}
-            // The local deadline of this host's term (renewals failing).
-            _ = tokio::time::sleep(leader_deadline.unwrap_or(Duration::MAX / 4)), if leader_deadline.is_some() => {}
         }
         app.leadership.check_deadline(&app.metrics.coord);
         let result = heartbeat(&app).await;
