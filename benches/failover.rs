@@ -30,28 +30,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::recorder::{Call, Recorder};
-use common::{Host, Pg, TestDb, tempdir};
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
-}
+use common::{Host, Pg, TestDb, env_u64, percentile, tempdir};
 
 fn fmt(label: &str, mut v: Vec<f64>, unit: &str) -> String {
     let n = v.len();
-    let p50 = pct(&mut v, 0.5);
-    let p99 = pct(&mut v, 0.99);
+    let p50 = percentile(&mut v, 0.5);
+    let p99 = percentile(&mut v, 0.99);
     let max = v.last().copied().unwrap_or(f64::NAN);
     format!(
         "   {label:<38} p50 {p50:7.3} {unit}   p99 {p99:7.3} {unit}   max {max:7.3} {unit}   (n={n})"

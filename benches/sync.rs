@@ -36,17 +36,10 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Host, Pg, TestDb, tempdir};
+use common::{Host, Pg, TestDb, env_u64, tempdir};
 use futures_util::StreamExt;
 
 const HOSTS: usize = 4;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// p50 / p99 / max in milliseconds.
 fn summary(mut v: Vec<f64>) -> (f64, f64, f64, usize) {

@@ -15,6 +15,8 @@ command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
 if [[ "${1:-}" == "--bench" ]]; then
     command -v wrk >/dev/null 2>&1 || want+=(wrk)
     command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
+    # The search benchmark's corpus: PostgreSQL's HTML documentation.
+    ls /usr/share/doc/postgresql-doc-*/html/index.html >/dev/null 2>&1 || want+=(postgresql-doc-15)
 fi
 
 if ((${#want[@]} == 0)); then

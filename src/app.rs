@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::coord::leader::Leadership;
 use crate::db::{self, queries::Queries};
 use crate::metrics::Metrics;
+use crate::search::Search;
 use crate::sync::SyncShared;
 
 /// Everything a handler or task needs.
@@ -20,6 +21,7 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     pub cache: CacheDir,
     pub leadership: Leadership,
+    pub search: Arc<Search>,
     pub started_at: SystemTime,
     pub started: Instant,
     shutting_down: AtomicBool,
@@ -32,6 +34,7 @@ impl App {
         sync: Arc<SyncShared>,
         metrics: Arc<Metrics>,
         cache: CacheDir,
+        search: Arc<Search>,
     ) -> Self {
         let queries = Queries::new(&config.database.schema);
         let leadership =
@@ -44,6 +47,7 @@ impl App {
             sync,
             metrics,
             cache,
+            search,
             started_at: SystemTime::now(),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),

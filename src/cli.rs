@@ -248,6 +248,62 @@ pub async fn run_job(config: &Config, name: &str) -> anyhow::Result<String> {
     ))
 }
 
+/// `tandem search`: this host's indexes.
+pub async fn search_indexes(config: &Config, json: bool) -> anyhow::Result<String> {
+    let reply = request(config, "GET", "/v1/search").await?;
+    if reply.status != 200 {
+        bail!("cannot list the search indexes: {}", error_text(&reply));
+    }
+    if json {
+        return Ok(serde_json::to_string_pretty(&reply.body)?);
+    }
+    let mut rows = vec![
+        [
+            "INDEX",
+            "CACHE",
+            "DOCUMENTS",
+            "POSITION",
+            "REBUILDING",
+            "LAST COMMIT",
+        ]
+        .map(String::from)
+        .to_vec(),
+    ];
+    let s = |v: &Value| match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    for ix in reply.body["indexes"].as_array().into_iter().flatten() {
+        let st = &ix["status"];
+        rows.push(vec![
+            s(&ix["name"]),
+            s(&ix["cache"]),
+            s(&st["documents"]),
+            s(&st["position"]),
+            s(&st["rebuilding"]),
+            s(&st["last_commit"]),
+        ]);
+    }
+    Ok(table(rows))
+}
+
+/// `tandem search rebuild NAME`.
+pub async fn search_rebuild(config: &Config, name: &str) -> anyhow::Result<String> {
+    let reply = request(
+        config,
+        "POST",
+        &format!("/v1/search/{}/rebuild", encode_query(name)),
+    )
+    .await?;
+    if reply.status != 202 {
+        bail!("rebuild refused: {}", error_text(&reply));
+    }
+    Ok(format!(
+        "rebuilding search index {name} from the local cache directory; `tandem search` shows when it is done"
+    ))
+}
+
 /// Formats `/v1/cluster` as a table.
 pub fn format_hosts(cluster: &Value) -> String {
     let header = [

@@ -10,7 +10,7 @@
 //! Shutdown (time-boxed, in order): not ready; the scheduler starts no new
 //! run; release the leader lease (another host takes over at once); let
 //! running jobs finish (up to 10s); stop the sync task (after its current
-//! batch); mark the host stopped in the registry; stop heartbeats; drain
+//! batch); let the search index writers commit; mark the host stopped in the registry; stop heartbeats; drain
 //! HTTP; stop the embedded PostgreSQL.
 
 use std::fs::File;
@@ -32,6 +32,7 @@ use crate::db::{self, Backoff, DbError};
 use crate::http::{self, Listeners};
 use crate::metrics::Metrics;
 use crate::sched::{self, Scheduler};
+use crate::search::Search;
 use crate::sync::apply::Applier;
 use crate::sync::position::StateFile;
 use crate::sync::{SyncSettings, SyncShared, Syncer};
@@ -113,7 +114,15 @@ async fn run_with_database(
     let state_file = StateFile::new(&config.data_dir);
     let state = state_file.load();
     let generation_name = generation.name().to_string();
-    let applier = Applier::start(cache.clone(), generation, state_file);
+    let (search, feed) = Search::start(
+        config.search.clone(),
+        &config.data_dir,
+        cache.clone(),
+        &generation_name,
+        state.as_ref().ok().and_then(Option::as_ref),
+        metrics.clone(),
+    );
+    let applier = Applier::start(cache.clone(), generation, state_file, feed);
     metrics.cache_entries.set(applier.entries().await as i64);
     let sync = Arc::new(SyncShared::new());
     let shared_db = db::Shared::new(pg.clone(), config.database.connect_timeout, metrics.clone());
@@ -123,6 +132,7 @@ async fn run_with_database(
         sync.clone(),
         metrics.clone(),
         cache,
+        search.clone(),
     ));
     let config = &app.config;
 
@@ -151,7 +161,16 @@ async fn run_with_database(
         persist_interval: config.cluster.heartbeat_interval,
         connect_timeout: config.database.connect_timeout,
     };
-    let syncer = Syncer::new(settings, pg, sync, metrics, applier, state, generation_name);
+    let syncer = Syncer::new(
+        settings,
+        pg,
+        sync,
+        metrics,
+        applier,
+        state,
+        generation_name,
+        search.clone(),
+    );
     let sync_stop = root.child_token();
     let mut sync_task = tokio::spawn(syncer.run(Some(first), sync_stop.clone()));
 
@@ -200,6 +219,17 @@ async fn run_with_database(
     {
         tracing::warn!("the sync task did not stop within 10s");
         sync_task.abort();
+    }
+    // The indexes commit what they have (the sync task sends no more).
+    let stopping = search.clone();
+    if tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || stopping.stop()),
+    )
+    .await
+    .is_err()
+    {
+        tracing::warn!("the search index writers did not stop within 10s");
     }
     match tokio::time::timeout(Duration::from_secs(3), cluster::mark_stopped(&app)).await {
         Ok(Ok(())) => tracing::info!("marked this host stopped in the registry"),

@@ -16,6 +16,7 @@
 //!   registry, pruning, cluster-wide waits.
 //! - [`coord`]: the leader lease as this host sees it, app locks.
 //! - [`sched`]: the job scheduler and job actions.
+//! - [`search`]: local full-text indexes (tantivy) fed by the applier.
 //! - [`http`]: the localhost API (routes, errors, metrics middleware).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`cli`]: `check-config`, `migrate`, `status`, `resync`.
@@ -32,6 +33,7 @@ pub mod db;
 pub mod http;
 pub mod metrics;
 pub mod sched;
+pub mod search;
 pub mod sync;
 pub mod systemd;
 

@@ -56,6 +56,17 @@ enum Command {
         #[command(subcommand)]
         action: Option<JobsAction>,
     },
+    /// List this host's search indexes; `search rebuild NAME` rebuilds one
+    /// from the local cache directory.
+    Search {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        action: Option<SearchAction>,
+    },
     /// Ask this host (or --host ID) to rebuild its cache from the database.
     Resync {
         #[command(flatten)]
@@ -63,6 +74,16 @@ enum Command {
         /// Another host's id (asked through the database).
         #[arg(long)]
         host: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SearchAction {
+    /// Rebuild an index from the local cache directory (searches keep
+    /// answering from the current index meanwhile).
+    Rebuild {
+        /// The index's name.
+        name: String,
     },
 }
 
@@ -234,6 +255,21 @@ fn main() -> ExitCode {
                 match action {
                     None => cli::jobs(&config, json).await,
                     Some(JobsAction::Run { name }) => cli::run_job(&config, &name).await,
+                }
+            })),
+            Err(code) => code,
+        },
+        Command::Search {
+            config,
+            json,
+            action,
+        } => match load(&config) {
+            Ok(config) => report(runtime().block_on(async {
+                match action {
+                    None => cli::search_indexes(&config, json).await,
+                    Some(SearchAction::Rebuild { name }) => {
+                        cli::search_rebuild(&config, &name).await
+                    }
                 }
             })),
             Err(code) => code,

@@ -35,6 +35,7 @@ pub struct Metrics {
     pub heartbeats: IntCounterVec,
     /// Leader, jobs and locks.
     pub coord: crate::coord::metrics::CoordMetrics,
+    pub search: crate::search::metrics::SearchMetrics,
 }
 
 pub(crate) fn counter_vec(
@@ -266,6 +267,7 @@ impl Metrics {
                 &["outcome"],
             ),
             coord: crate::coord::metrics::CoordMetrics::new(&registry),
+            search: crate::search::metrics::SearchMetrics::new(&registry),
             registry,
         };
         for op in ["put", "delete", "clear"] {

@@ -17,19 +17,6 @@ async fn cold_boots(h: &Host, reason: &str) -> f64 {
     .unwrap_or(-1.0)
 }
 
-fn tandem_cli(h: &Host, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
-        .args(args)
-        .args(["--config", "/dev/null"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("TANDEM_DATA_DIR", h.dir.display().to_string())
-        .env("TANDEM_API_LISTEN", h.addr.to_string())
-        .env("TANDEM_HOST_ID", &h.id)
-        .output()
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_cold_boot_trigger() {
     let db = TestDb::new().await;
@@ -73,7 +60,7 @@ async fn every_cold_boot_trigger() {
         cold_boots(&a, "requested").await == 1.0
     })
     .await;
-    let out = tandem_cli(&a, &["resync"]);
+    let out = a.cli(&["resync"]);
     assert!(
         out.status.success(),
         "{}",

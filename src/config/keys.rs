@@ -112,6 +112,10 @@ pub const KEYS: &[Key] = &[
     key("leader", "eligible", Kind::Bool, "true"),
     key("scheduler", "history_retain", Kind::Str, "7d"),
     key("scheduler", "output_tail", Kind::Size, "4KiB"),
+    key("search", "commit_interval", Kind::Str, "200ms"),
+    key("search", "max_limit", Kind::Int, "100"),
+    key("search", "max_offset", Kind::Int, "10000"),
+    key("search", "writer_memory", Kind::Size, "64MiB"),
     key("log", "level", Kind::Str, "info"),
     key("log", "format", Kind::Str, "text"),
 ];

@@ -8,6 +8,7 @@
 pub mod jobs;
 pub mod keys;
 mod raw;
+pub mod search;
 pub mod units;
 
 use std::collections::HashMap;
@@ -18,7 +19,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use raw::{Raw, SizeValue, check_known, overlay_env, type_error};
+use raw::{Raw, check_known, overlay_env, type_error};
+use units::{duration, int_in, size};
 
 /// Where an installed tandem looks for its config when none is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tandem/tandem.toml";
@@ -101,6 +103,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Every job, the built-ins first.
     pub jobs: Vec<jobs::JobSpec>,
+    pub search: search::SearchConfig,
     /// Where the config came from (for messages).
     pub source: Option<PathBuf>,
 }
@@ -216,36 +219,6 @@ pub fn from_str(text: &str, env: &HashMap<String, String>) -> Result<Loaded, Con
     let raw: Raw = Raw::deserialize(toml::Value::Table(table)).map_err(type_error)?;
     let config = validate(raw, env)?;
     Ok(Loaded { config, warnings })
-}
-
-fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
-    let text = value.unwrap_or_else(|| default.to_string());
-    units::parse_duration(&text).map_err(|e| ConfigError::key(key, e))
-}
-
-fn size(key: &str, value: Option<SizeValue>, default: u64) -> Result<u64, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(SizeValue::Int(n)) => Ok(n),
-        Some(SizeValue::Text(t)) => units::parse_size(&t).map_err(|e| ConfigError::key(key, e)),
-    }
-}
-
-fn int_in(
-    key: &str,
-    value: Option<i64>,
-    default: i64,
-    min: i64,
-    max: i64,
-) -> Result<i64, ConfigError> {
-    let v = value.unwrap_or(default);
-    if v < min || v > max {
-        return Err(ConfigError::key(
-            key,
-            format!("{v} is out of range {min}..={max}"),
-        ));
-    }
-    Ok(v)
 }
 
 fn nonempty(value: Option<String>) -> Option<String> {
@@ -487,6 +460,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         ));
     }
     let jobs = jobs::parse(&raw.jobs, sync.prune_interval)?;
+    let search = search::validate(raw.search)?;
 
     let l = raw.log;
     let level = nonempty(l.level).unwrap_or_else(|| "info".to_string());
@@ -519,6 +493,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         leader,
         scheduler,
         jobs,
+        search,
         source: None,
     })
 }

@@ -25,6 +25,17 @@ pub(super) struct Raw {
     pub(super) leader: RawLeader,
     pub(super) scheduler: RawScheduler,
     pub(super) jobs: Vec<toml::Table>,
+    pub(super) search: RawSearch,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawSearch {
+    pub(super) commit_interval: Option<String>,
+    pub(super) max_limit: Option<i64>,
+    pub(super) max_offset: Option<i64>,
+    pub(super) writer_memory: Option<SizeValue>,
+    pub(super) index: Vec<toml::Table>,
 }
 
 #[derive(Deserialize, Default)]
@@ -131,6 +142,19 @@ pub(super) fn check_known(table: &toml::Table) -> Result<(), ConfigError> {
         match value {
             toml::Value::Table(inner) if is_section => {
                 for (inner_name, inner_value) in inner {
+                    if name == "search" && inner_name == "index" {
+                        // Checked key by key with the indexes (`config::search`).
+                        let tables = inner_value
+                            .as_array()
+                            .is_some_and(|a| a.iter().all(toml::Value::is_table));
+                        if !tables {
+                            return Err(ConfigError::key(
+                                "search.index",
+                                "must be an array of tables ([[search.index]])",
+                            ));
+                        }
+                        continue;
+                    }
                     match keys::find(name, inner_name) {
                         Some(key) => check_type(key, inner_value)?,
                         None => return Err(unknown(&format!("{name}.{inner_name}"))),

@@ -1,7 +1,11 @@
 //! Parsing of the human-friendly units used in the config: durations
-//! (`"500ms"`, `"2s"`, `"2d"`) and byte sizes (`"16MiB"`, `1048576`).
+//! (`"500ms"`, `"2s"`, `"2d"`) and byte sizes (`"16MiB"`, `1048576`), and
+//! reading a key's value of each kind with its default.
 
 use std::time::Duration;
+
+use super::ConfigError;
+use super::raw::SizeValue;
 
 /// Parses a duration such as `250ms`, `2s`, `5m`, `2d` or `1h 30m`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -42,6 +46,43 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     number
         .checked_mul(factor)
         .ok_or_else(|| format!("size {text:?} is too large"))
+}
+
+/// A key's duration, or its default (written as in the docs).
+pub(super) fn duration(
+    key: &str,
+    value: Option<String>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let text = value.unwrap_or_else(|| default.to_string());
+    parse_duration(&text).map_err(|e| ConfigError::key(key, e))
+}
+
+/// A key's byte size, or its default.
+pub(super) fn size(key: &str, value: Option<SizeValue>, default: u64) -> Result<u64, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(SizeValue::Int(n)) => Ok(n),
+        Some(SizeValue::Text(t)) => parse_size(&t).map_err(|e| ConfigError::key(key, e)),
+    }
+}
+
+/// A key's integer within `min..=max`, or its default.
+pub(super) fn int_in(
+    key: &str,
+    value: Option<i64>,
+    default: i64,
+    min: i64,
+    max: i64,
+) -> Result<i64, ConfigError> {
+    let v = value.unwrap_or(default);
+    if v < min || v > max {
+        return Err(ConfigError::key(
+            key,
+            format!("{v} is out of range {min}..={max}"),
+        ));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@ pub mod cache;
 pub mod coord;
 pub mod error;
 pub mod node;
+pub mod search;
 pub mod write;
 
 use std::sync::Arc;
@@ -50,6 +51,9 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/versions", get(coord::versions))
         .route("/v1/versions/{name}", get(coord::version))
         .route("/v1/versions/{name}/bump", post(coord::bump))
+        .route("/v1/search", get(search::indexes))
+        .route("/v1/search/{index}", get(search::search))
+        .route("/v1/search/{index}/rebuild", post(search::rebuild))
         .route("/healthz", get(node::healthz))
         .route("/readyz", get(node::readyz))
         .route("/metrics", get(node::metrics))
@@ -99,6 +103,9 @@ const ROUTES: &[&str] = &[
     "/v1/versions",
     "/v1/versions/{name}",
     "/v1/versions/{name}/bump",
+    "/v1/search",
+    "/v1/search/{index}",
+    "/v1/search/{index}/rebuild",
     "/healthz",
     "/readyz",
     "/metrics",

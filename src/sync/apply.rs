@@ -18,6 +18,7 @@ use super::position::{LocalState, StateFile};
 use super::record::Recorder;
 use crate::cache::versions::VERSIONS_CACHE;
 use crate::cache::{CacheDir, Generation};
+use crate::search::{Feed, Mark};
 
 /// What a committed batch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -91,6 +92,9 @@ fn apply_one(l: &mut Local, change: Change) {
                     if cache == VERSIONS_CACHE {
                         l.dir.versions().set(&key, &value);
                     }
+                    if l.feed.wants(&cache) {
+                        l.feed.put(&cache, &key, value);
+                    }
                 }
                 Err(e) => l.fail(|| format!("cannot write {cache}/{key}"), e),
             }
@@ -101,10 +105,12 @@ fn apply_one(l: &mut Local, change: Change) {
                 if cache == VERSIONS_CACHE {
                     l.dir.versions().remove(&key);
                 }
+                l.feed.delete(&cache, &key);
             }
             Err(e) => l.fail(|| format!("cannot delete {cache}/{key}"), e),
         },
         Change::Clear { cache } => {
+            l.feed.clear(&cache);
             l.keep.entry(cache).or_default();
             l.applied.clears += 1;
         }
@@ -123,6 +129,8 @@ struct Local {
     applied: Applied,
     failed: Option<ApplyError>,
     entries: u64,
+    /// The search indexes' share of each batch.
+    feed: Feed,
 }
 
 impl Local {
@@ -156,7 +164,8 @@ pub struct Applier {
 
 impl Applier {
     /// Starts the thread, owning the cache directory's current generation.
-    pub fn start(dir: CacheDir, current: Generation, state_file: StateFile) -> Self {
+    /// Committed batches are also handed to the search indexes (`feed`).
+    pub fn start(dir: CacheDir, current: Generation, state_file: StateFile, feed: Feed) -> Self {
         let (jobs, mut rx) = mpsc::channel::<Job>(256);
         let mut local = Local {
             dir,
@@ -167,6 +176,7 @@ impl Applier {
             applied: Applied::default(),
             failed: None,
             entries: 0,
+            feed,
         };
         std::thread::Builder::new()
             .name("tandem-applier".into())
@@ -273,6 +283,7 @@ impl Applier {
             l.keep.clear();
             l.failed = None;
             l.applied = Applied::default();
+            l.feed.abort();
             l.current.discard_staged();
             let delta = l.current.take_entry_delta();
             l.entries = l.entries.saturating_add_signed(delta);
@@ -366,6 +377,7 @@ impl Applier {
             l.entries = entries;
             l.dir.sync_link_parent();
             l.dir.versions().reload(l.current.root());
+            l.feed.rebuild_all("cold_boot", Mark::of(&state));
             l.recorder
                 .submit_and_wait(BTreeSet::new(), Some(state), true);
             l.dir.remove_others(l.current.name());
@@ -415,6 +427,10 @@ fn commit_now(
     }
     if l.failed.is_some() {
         l.current.discard_staged();
+        l.feed.abort();
+    } else {
+        // The batch's files are visible: the indexes may have it.
+        l.feed.commit(state.as_ref().map(Mark::of));
     }
     let dirs = l.current.take_dirty_dirs();
     let state = if l.failed.is_none() { state } else { None };

@@ -31,6 +31,7 @@ use read::ReadError;
 
 use crate::db::{self, Backoff, DbError, render};
 use crate::metrics::Metrics;
+use crate::search::Search;
 
 /// A sync session failed; the task reconnects after a backoff.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +81,7 @@ pub struct Syncer {
     shared: Arc<SyncShared>,
     metrics: Arc<Metrics>,
     applier: Applier,
+    search: Arc<Search>,
     /// The durable local state (what the disk says).
     state: Option<LocalState>,
     /// Whether the state file existed but could not be read.
@@ -124,6 +126,7 @@ impl Syncer {
         applier: Applier,
         state: Result<Option<LocalState>, String>,
         generation: String,
+        search: Arc<Search>,
     ) -> Self {
         let state_corrupt = state.is_err();
         if let Err(why) = &state {
@@ -146,6 +149,7 @@ impl Syncer {
             shared,
             metrics,
             applier,
+            search,
             position: None,
             state,
             state_corrupt,
@@ -288,6 +292,24 @@ impl Syncer {
             self.cold_boot(&mut client, &session, reason).await?;
         } else if self.position.is_none() {
             self.position = self.state.as_ref().map(|s| s.position.clone());
+        }
+        // Before any new batch: indexes behind the cache directory catch up
+        // with it (a cold boot rebuilds them instead).
+        if self.search.replay_pending() {
+            if let Some(state) = &self.state
+                && reason.is_none()
+            {
+                self.metrics
+                    .db_queries
+                    .with_label_values(&["search_replay"])
+                    .inc();
+                self.search
+                    .replay(&client, &self.settings.schema, state)
+                    .await
+                    .map_err(ReadError::Db)?;
+            } else {
+                self.search.forget_replay();
+            }
         }
         self.shared.update(|s| s.last_error = None);
         backoff.succeeded();

@@ -489,6 +489,21 @@ impl Host {
         self.env.push((key.into(), value.into()));
     }
 
+    /// Runs a `tandem` command that talks to this host's daemon (`status`,
+    /// `jobs`, `search`, `resync`…), with only this host's settings.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(args)
+            .args(["--config", "/dev/null"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TANDEM_DATA_DIR", self.dir.display().to_string())
+            .env("TANDEM_API_LISTEN", self.addr.to_string())
+            .env("TANDEM_HOST_ID", &self.id)
+            .output()
+            .unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -693,4 +708,21 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A numeric setting from the environment (benchmarks), or its default.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The `p` quantile (0..=1) of `v`, nearest rank; sorts `v`. NaN when empty.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }

@@ -1,0 +1,486 @@
+//! The search benchmark: prints tandem's figures beside PostgreSQL full-text
+//! search over the same documents and queries, measured in the same run.
+//!
+//!     scripts/install-test-deps.sh --bench && cargo bench --bench search
+//!
+//! Corpus: PostgreSQL's HTML documentation (`postgresql-doc-15`: one
+//! document per page, tags stripped; title, section and body), then
+//! BENCH_DOCS (default 100,000) documents generated from its vocabulary
+//! (word frequencies as in the real pages; bodies of 60-240 words).
+//!
+//! For each corpus, two tandem hosts share one PostgreSQL: documents are
+//! written through host A (`POST /v1/batch`, 1,000 per batch) and indexed
+//! by both; figures:
+//! - indexing: documents per second from the first write until host B's
+//!   index holds them all (the whole path: log, apply, index, commit), and
+//!   a rebuild of B's index from its cache directory (indexing alone);
+//! - apply-to-searchable on another host: a document with a unique word is
+//!   written through A (every 100 ms); the time until a search on B finds it;
+//! - query latency, one client, keep-alive, through tandem's HTTP API
+//!   (`limit=20`, with snippets and the total count), for one-word,
+//!   two-word and phrase queries; the same queries in PostgreSQL FTS: a
+//!   `tsvector` column with a GIN index, `ts_rank` top 20, one connection.
+//!
+//! Environment: BENCH_DOCS, BENCH_QUERIES (per kind, default 500),
+//! BENCH_CORPUS (`pages` or `generated`: only that one), BENCH_HOLD (keep
+//! the hosts up this many seconds after each corpus, for profiling),
+//! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Host, Pg, TestDb, env_u64, percentile, tempdir};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+const DOC_DIRS: &[&str] = &["/usr/share/doc/postgresql-doc-15/html"];
+
+const CONFIG: &str = r#"
+[[search.index]]
+name = "docs"
+fields = [
+  { name = "title", type = "text", tokenizer = "en_stem" },
+  { name = "section", type = "string", facet = true },
+  { name = "body", type = "text", tokenizer = "en_stem" },
+]
+"#;
+
+fn fmt(v: &mut [f64]) -> String {
+    format!(
+        "p50 {:7.2} ms  p99 {:7.2} ms",
+        percentile(v, 0.5),
+        percentile(v, 0.99)
+    )
+}
+
+struct Doc {
+    key: String,
+    title: String,
+    section: String,
+    body: String,
+}
+
+/// Text without tags, entities decoded, whitespace collapsed.
+fn strip_tags(html: &str) -> String {
+    let mut out = String::with_capacity(html.len() / 2);
+    let mut in_tag = false;
+    for c in html.chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                out.push(' ');
+            }
+            '>' => in_tag = false,
+            _ if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    let out = out
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&nbsp;", " ")
+        .replace("&#160;", " ")
+        .replace("&amp;", "&");
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn between<'a>(s: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let i = s.find(start)? + start.len();
+    let j = s[i..].find(end)? + i;
+    Some(&s[i..j])
+}
+
+fn load_pages() -> Vec<Doc> {
+    let dir = DOC_DIRS
+        .iter()
+        .map(Path::new)
+        .find(|d| d.join("index.html").exists())
+        .expect("the PostgreSQL documentation: run scripts/install-test-deps.sh --bench");
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "html"))
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|p| {
+            let html = std::fs::read_to_string(p).unwrap();
+            let title = strip_tags(between(&html, "<title>", "</title>").unwrap_or(""));
+            let section = between(&html, "accesskey=\"u\"", "</a>")
+                .and_then(|a| between(a, "title=\"", "\""))
+                .unwrap_or("")
+                .to_string();
+            let body_html = html.split_once("<body").map_or(html.as_str(), |(_, b)| b);
+            Doc {
+                key: p.file_stem().unwrap().to_string_lossy().into_owned(),
+                title,
+                section,
+                body: strip_tags(body_html),
+            }
+        })
+        .collect()
+}
+
+fn words(s: &str) -> impl Iterator<Item = String> + '_ {
+    s.split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() > 2 && w.chars().all(|c| c.is_ascii_alphabetic()))
+        .map(|w| w.to_lowercase())
+}
+
+/// Documents generated from the pages' vocabulary, with its frequencies.
+fn generate(pages: &[Doc], n: usize, rng: &mut StdRng) -> Vec<Doc> {
+    let mut freq: HashMap<String, u64> = HashMap::new();
+    for p in pages {
+        for w in words(&p.body) {
+            *freq.entry(w).or_default() += 1;
+        }
+    }
+    let mut vocab: Vec<(String, u64)> = freq.into_iter().collect();
+    vocab.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let mut cumulative = Vec::with_capacity(vocab.len());
+    let mut sum = 0u64;
+    for (_, f) in &vocab {
+        sum += f;
+        cumulative.push(sum);
+    }
+    let pick = |rng: &mut StdRng| {
+        let x = rng.random_range(0..sum);
+        let i = cumulative.partition_point(|c| *c <= x);
+        vocab[i].0.as_str()
+    };
+    let sections: Vec<&str> = pages.iter().map(|p| p.section.as_str()).collect();
+    (0..n)
+        .map(|i| {
+            let title: Vec<&str> = (0..rng.random_range(3..8)).map(|_| pick(rng)).collect();
+            let body: Vec<&str> = (0..rng.random_range(60..240)).map(|_| pick(rng)).collect();
+            Doc {
+                key: format!("g{i}"),
+                title: title.join(" "),
+                section: sections[rng.random_range(0..sections.len())].to_string(),
+                body: body.join(" "),
+            }
+        })
+        .collect()
+}
+
+/// Query texts: one word, two words, a phrase taken from a document.
+fn queries(docs: &[Doc], n: usize, rng: &mut StdRng) -> [Vec<String>; 3] {
+    let mut freq: HashMap<String, u64> = HashMap::new();
+    for d in docs.iter().take(20_000) {
+        for w in words(&d.body) {
+            *freq.entry(w).or_default() += 1;
+        }
+    }
+    let mut vocab: Vec<(String, u64)> = freq.into_iter().collect();
+    vocab.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    // Neither the most common words nor the rarest: ranks 20..2000.
+    let band = &vocab[20.min(vocab.len() - 1)..2000.min(vocab.len())];
+    let word = |rng: &mut StdRng| band[rng.random_range(0..band.len())].0.clone();
+    let one = (0..n).map(|_| word(rng)).collect();
+    let two = (0..n)
+        .map(|_| format!("{} {}", word(rng), word(rng)))
+        .collect();
+    let phrase = (0..n)
+        .map(|_| {
+            loop {
+                let d = &docs[rng.random_range(0..docs.len())];
+                let ws: Vec<String> = words(&d.body).collect();
+                if ws.len() > 3 {
+                    let i = rng.random_range(0..ws.len() - 1);
+                    break format!("{} {}", ws[i], ws[i + 1]);
+                }
+            }
+        })
+        .collect();
+    [one, two, phrase]
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let pg = match std::env::var("TANDEM_BENCH_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Pg::from_url(&url),
+        _ => common::start_cluster(true),
+    };
+    let mut rng = StdRng::seed_from_u64(42);
+    let pages = load_pages();
+    let n = env_u64("BENCH_DOCS", 100_000) as usize;
+    let q = env_u64("BENCH_QUERIES", 500) as usize;
+    println!(
+        "tandem search benchmark ({} cores); reference: PostgreSQL FTS (tsvector + GIN, ts_rank), one connection",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let generated = generate(&pages, n, &mut rng);
+    let only = std::env::var("BENCH_CORPUS").unwrap_or_default();
+    if only != "generated" {
+        run(&pg, "PostgreSQL docs (real pages)", &pages, q, &mut rng).await;
+    }
+    if only != "pages" {
+        run(
+            &pg,
+            &format!("{n} generated documents"),
+            &generated,
+            q,
+            &mut rng,
+        )
+        .await;
+    }
+}
+
+async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
+    let bytes: usize = docs.iter().map(|d| d.title.len() + d.body.len()).sum();
+    println!(
+        "\n== {label}: {} documents, {:.1} MiB of text",
+        docs.len(),
+        bytes as f64 / (1 << 20) as f64
+    );
+    let db = TestDb::on(pg).await;
+    let root = tempdir();
+    let env = [("TANDEM_LOG_LEVEL", "info")];
+    let a = Host::start_with_config(&db.url, "a", root.path(), &env, CONFIG).await;
+    let b = Host::start_with_config(&db.url, "b", root.path(), &env, CONFIG).await;
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    // Indexing, end to end.
+    let started = Instant::now();
+    for chunk in docs.chunks(1000) {
+        let ops: Vec<Value> = chunk
+            .iter()
+            .map(|d| {
+                json!({"op": "put", "cache": "docs", "key": d.key,
+                       "json": {"title": d.title, "section": d.section, "body": d.body}})
+            })
+            .collect();
+        let r = a
+            .http
+            .post(a.url("/v1/batch"))
+            .json(&json!({ "ops": ops }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let written = started.elapsed();
+    wait_docs(&b, docs.len()).await;
+    let indexed = started.elapsed();
+    println!(
+        "indexing   tandem, written through A, searchable on B: {:8.0} docs/s ({:.1} s; writes took {:.1} s)",
+        docs.len() as f64 / indexed.as_secs_f64(),
+        indexed.as_secs_f64(),
+        written.as_secs_f64()
+    );
+    let started = Instant::now();
+    let r = b
+        .http
+        .post(b.url("/v1/search/docs/rebuild"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let s = b.get_json("/v1/search").await;
+        if s["indexes"][0]["status"]["rebuilding"].is_null() {
+            break;
+        }
+    }
+    println!(
+        "           tandem, rebuild from the cache directory:   {:8.0} docs/s",
+        docs.len() as f64 / started.elapsed().as_secs_f64()
+    );
+    let client = db.client().await;
+    let started = Instant::now();
+    client
+        .batch_execute(
+            "CREATE TABLE fts (key text PRIMARY KEY, title text, section text, body text,
+               tsv tsvector GENERATED ALWAYS AS
+                 (setweight(to_tsvector('english', title), 'A') || to_tsvector('english', body)) STORED)",
+        )
+        .await
+        .unwrap();
+    let insert = client
+        .prepare("INSERT INTO fts (key, title, section, body) SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])")
+        .await
+        .unwrap();
+    for chunk in docs.chunks(1000) {
+        let col = |f: fn(&Doc) -> &String| chunk.iter().map(|d| f(d).clone()).collect::<Vec<_>>();
+        client
+            .execute(
+                &insert,
+                &[
+                    &col(|d| &d.key),
+                    &col(|d| &d.title),
+                    &col(|d| &d.section),
+                    &col(|d| &d.body),
+                ],
+            )
+            .await
+            .unwrap();
+    }
+    client
+        .batch_execute("CREATE INDEX fts_tsv ON fts USING gin (tsv); ANALYZE fts")
+        .await
+        .unwrap();
+    println!(
+        "           PostgreSQL, insert + GIN index:            {:8.0} docs/s",
+        docs.len() as f64 / started.elapsed().as_secs_f64()
+    );
+
+    apply_to_searchable(&a, &b).await;
+
+    let [one, two, phrase] = queries(docs, nq, rng);
+    let sql = |tsquery: &str| {
+        format!(
+            "SELECT key, ts_rank(tsv, q) AS rank FROM fts, {tsquery}('english', $1) q
+              WHERE tsv @@ q ORDER BY rank DESC LIMIT 20"
+        )
+    };
+    let plain = client.prepare(&sql("plainto_tsquery")).await.unwrap();
+    let phrase_stmt = client.prepare(&sql("phraseto_tsquery")).await.unwrap();
+    println!(
+        "queries    (tandem: HTTP, limit 20, total + snippets; PostgreSQL: top 20 by ts_rank)"
+    );
+    for (kind, qs, stmt, quote, extra) in [
+        ("one word", &one, &plain, false, &[][..]),
+        ("two words", &two, &plain, false, &[]),
+        ("phrase", &phrase, &phrase_stmt, true, &[]),
+        (
+            "one word, fields=title (no body in the answer)",
+            &one,
+            &plain,
+            false,
+            &[("fields", "title,section")],
+        ),
+        (
+            "one word, highlight=false",
+            &one,
+            &plain,
+            false,
+            &[("highlight", "false")],
+        ),
+    ] {
+        let mut t_lat = Vec::new();
+        let mut inside = Vec::new();
+        let mut hits = 0u64;
+        for text in qs.iter() {
+            let q = if quote {
+                format!("\"{text}\"")
+            } else {
+                text.clone()
+            };
+            let t = Instant::now();
+            let r = b
+                .http
+                .get(b.url("/v1/search/docs"))
+                .query(&[("q", q.as_str())])
+                .query(extra)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+            // What a client of the answer reads (the rest is skipped over).
+            #[derive(serde::Deserialize)]
+            struct Answer {
+                total: u64,
+                took_ms: f64,
+            }
+            let body: Answer = r.json().await.unwrap();
+            t_lat.push(t.elapsed().as_secs_f64() * 1e3);
+            inside.push(body.took_ms);
+            hits += body.total;
+        }
+        let mut p_lat = Vec::new();
+        let mut p_hits = 0u64;
+        for text in qs.iter() {
+            let t = Instant::now();
+            let rows = client.query(stmt, &[text]).await.unwrap();
+            p_lat.push(t.elapsed().as_secs_f64() * 1e3);
+            p_hits += rows.len() as u64;
+        }
+        let ratio = percentile(&mut p_lat, 0.5) / percentile(&mut t_lat, 0.5);
+        println!(
+            "  {kind:<10} tandem {}   PostgreSQL {}   {ratio:.1}x faster at p50",
+            fmt(&mut t_lat),
+            fmt(&mut p_lat),
+        );
+        println!(
+            "             (inside the daemon p50 {:.2} ms; mean hits: tandem {:.0} counted, PostgreSQL {:.1} returned)",
+            percentile(&mut inside, 0.5),
+            hits as f64 / qs.len() as f64,
+            p_hits as f64 / qs.len() as f64
+        );
+    }
+    let hold = env_u64("BENCH_HOLD", 0);
+    if hold > 0 {
+        println!(
+            "holding {hold} s: host B answers at {}",
+            b.url("/v1/search/docs")
+        );
+        tokio::time::sleep(Duration::from_secs(hold)).await;
+    }
+}
+
+async fn wait_docs(h: &Host, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let s = h.get_json("/v1/search").await;
+        if s["indexes"][0]["status"]["documents"].as_u64() == Some(n as u64) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the index never held {n} documents: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A document with a unique word written through `a`, found on `b`.
+async fn apply_to_searchable(a: &Host, b: &Host) {
+    let mut lat = Vec::new();
+    for i in 0..150 {
+        let word = format!("zq{i}x");
+        let started = Instant::now();
+        a.put(
+            "docs",
+            &format!("probe{i}"),
+            json!({"title": word, "body": "probe"})
+                .to_string()
+                .as_bytes(),
+            "",
+        )
+        .await;
+        loop {
+            let r = b
+                .http
+                .get(b.url("/v1/search/docs"))
+                .query(&[("q", word.as_str()), ("limit", "0")])
+                .send()
+                .await
+                .unwrap();
+            let body: Value = r.json().await.unwrap();
+            if body["total"] == 1 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "probe {i} never found"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        lat.push(started.elapsed().as_secs_f64() * 1e3);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "apply-to-searchable on another host (write on A -> found on B, every 100 ms): {}",
+        fmt(&mut lat)
+    );
+}
