@@ -10,6 +10,8 @@ have_pg_server || want+=(postgresql)
 command -v promtool >/dev/null 2>&1 || want+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || want+=(systemd)
 command -v python3 >/dev/null 2>&1 || want+=(python3)
+# The uploads tests' S3-compatible server (moto) lives in a venv.
+python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 command -v node >/dev/null 2>&1 || want+=(nodejs)
 command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
 if [[ "${1:-}" == "--bench" ]]; then
@@ -19,7 +21,22 @@ if [[ "${1:-}" == "--bench" ]]; then
     ls /usr/share/doc/postgresql-doc-*/html/index.html >/dev/null 2>&1 || want+=(postgresql-doc-15)
 fi
 
+install_moto() {
+    # moto's S3 server, in a venv under target/ (reused by later runs):
+    # the uploads tests start it on loopback (tests/common/s3.rs).
+    local venv
+    venv="$(cd "$(dirname "$0")/.." && pwd)/target/tools/moto"
+    if [[ -x "$venv/bin/moto_server" ]]; then
+        return
+    fi
+    echo "installing moto (S3-compatible test server) into $venv" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check 'moto[s3]==5.2.5' flask flask-cors
+}
+
 if ((${#want[@]} == 0)); then
+    install_moto
     exit 0
 fi
 
@@ -41,3 +58,4 @@ fi
 if [[ " ${want[*]} " == *" nginx-light "* ]] && command -v systemctl >/dev/null 2>&1; then
     "${sudo[@]}" systemctl disable --now nginx >/dev/null 2>&1 || true
 fi
+install_moto

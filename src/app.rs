@@ -11,6 +11,7 @@ use crate::db::{self, queries::Queries};
 use crate::metrics::Metrics;
 use crate::search::Search;
 use crate::sync::SyncShared;
+use crate::uploads::Uploads;
 
 /// Everything a handler or task needs.
 pub struct App {
@@ -22,6 +23,7 @@ pub struct App {
     pub cache: CacheDir,
     pub leadership: Leadership,
     pub search: Arc<Search>,
+    pub uploads: Arc<Uploads>,
     pub started_at: SystemTime,
     pub started: Instant,
     shutting_down: AtomicBool,
@@ -35,6 +37,7 @@ impl App {
         metrics: Arc<Metrics>,
         cache: CacheDir,
         search: Arc<Search>,
+        uploads: Arc<Uploads>,
     ) -> Self {
         let queries = Queries::new(&config.database.schema);
         let leadership =
@@ -48,6 +51,7 @@ impl App {
             metrics,
             cache,
             search,
+            uploads,
             started_at: SystemTime::now(),
             started: Instant::now(),
             shutting_down: AtomicBool::new(false),

@@ -36,6 +36,7 @@ use crate::search::Search;
 use crate::sync::apply::Applier;
 use crate::sync::position::StateFile;
 use crate::sync::{SyncSettings, SyncShared, Syncer};
+use crate::uploads::{self, Uploads};
 use crate::{cluster, systemd};
 
 /// Holds an exclusive lock on the data directory for the process lifetime.
@@ -122,6 +123,10 @@ async fn run_with_database(
         state.as_ref().ok().and_then(Option::as_ref),
         metrics.clone(),
     );
+    let uploads = Arc::new(
+        Uploads::open(&config.uploads, cache.upload_events().clone())
+            .map_err(|e| anyhow::anyhow!("uploads ({}): {e}", config.uploads.store))?,
+    );
     let applier = Applier::start(cache.clone(), generation, state_file, feed);
     metrics.cache_entries.set(applier.entries().await as i64);
     let sync = Arc::new(SyncShared::new());
@@ -133,6 +138,7 @@ async fn run_with_database(
         metrics.clone(),
         cache,
         search.clone(),
+        uploads,
     ));
     let config = &app.config;
 
@@ -177,6 +183,8 @@ async fn run_with_database(
     let mut tasks = JoinSet::new();
     tasks.spawn(cluster::heartbeat_loop(app.clone(), root.child_token()));
     tasks.spawn(readiness_loop(app.clone(), root.child_token()));
+    tasks.spawn(uploads::run(app.clone(), root.child_token()));
+    tasks.spawn(uploads::watch::run(app.clone(), root.child_token()));
     let sched_stop = CancellationToken::new();
     let mut sched_task = tokio::spawn(Scheduler::new(app.clone()).run(sched_stop.clone()));
 

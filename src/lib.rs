@@ -17,6 +17,8 @@
 //! - [`coord`]: the leader lease as this host sees it, app locks.
 //! - [`sched`]: the job scheduler and job actions.
 //! - [`search`]: local full-text indexes (tantivy) fed by the applier.
+//! - [`uploads`]: shared uploads through an object store (HTTP and a
+//!   watched directory), fetched on demand, expired by a cluster job.
 //! - [`http`]: the localhost API (routes, errors, metrics middleware).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`cli`]: `check-config`, `migrate`, `status`, `resync`.
@@ -36,6 +38,7 @@ pub mod sched;
 pub mod search;
 pub mod sync;
 pub mod systemd;
+pub mod uploads;
 
 pub use config::Config;
 pub use daemon::run;

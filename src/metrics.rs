@@ -36,6 +36,7 @@ pub struct Metrics {
     /// Leader, jobs and locks.
     pub coord: crate::coord::metrics::CoordMetrics,
     pub search: crate::search::metrics::SearchMetrics,
+    pub uploads: crate::uploads::metrics::UploadMetrics,
 }
 
 pub(crate) fn counter_vec(
@@ -268,6 +269,7 @@ impl Metrics {
             ),
             coord: crate::coord::metrics::CoordMetrics::new(&registry),
             search: crate::search::metrics::SearchMetrics::new(&registry),
+            uploads: crate::uploads::metrics::UploadMetrics::new(&registry),
             registry,
         };
         for op in ["put", "delete", "clear"] {

@@ -30,6 +30,7 @@ pub struct CacheDir {
     generations: PathBuf,
     memory: Arc<ValueCache>,
     versions: Arc<Versions>,
+    upload_events: Arc<crate::uploads::events::Events>,
 }
 
 /// Why the cache directory could not be opened.
@@ -75,6 +76,7 @@ impl CacheDir {
             generations,
             memory: Arc::new(ValueCache::new(memory_budget)),
             versions: Arc::default(),
+            upload_events: Arc::default(),
         };
         let current = match fs::symlink_metadata(link) {
             Ok(meta) if meta.file_type().is_symlink() => {
@@ -123,6 +125,11 @@ impl CacheDir {
     /// The in-memory copy of the version counters.
     pub fn versions(&self) -> &Versions {
         &self.versions
+    }
+
+    /// Registrations and withdrawals of uploads, as the applier meets them.
+    pub fn upload_events(&self) -> &Arc<crate::uploads::events::Events> {
+        &self.upload_events
     }
 
     /// The path apps read (the symlink).

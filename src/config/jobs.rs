@@ -96,6 +96,7 @@ pub enum Builtin {
     PruneLog,
     MarkStaleHosts,
     PruneJobHistory,
+    ExpireUploads,
 }
 
 #[derive(Clone, Debug)]
@@ -150,6 +151,7 @@ pub struct JobSpec {
 pub const PRUNE_LOG: &str = "tandem.prune-log";
 pub const MARK_STALE_HOSTS: &str = "tandem.mark-stale-hosts";
 pub const PRUNE_JOB_HISTORY: &str = "tandem.prune-job-history";
+pub const EXPIRE_UPLOADS: &str = "tandem.expire-uploads";
 
 fn builtin(name: &str, every: Duration, work: Builtin) -> JobSpec {
     JobSpec {
@@ -168,7 +170,7 @@ fn builtin(name: &str, every: Duration, work: Builtin) -> JobSpec {
 }
 
 /// The built-in jobs with their default schedules.
-pub fn builtins(prune_interval: Duration) -> Vec<JobSpec> {
+pub fn builtins(prune_interval: Duration, expire_every: Duration) -> Vec<JobSpec> {
     vec![
         builtin(PRUNE_LOG, prune_interval, Builtin::PruneLog),
         builtin(
@@ -181,6 +183,10 @@ pub fn builtins(prune_interval: Duration) -> Vec<JobSpec> {
             Duration::from_secs(3600),
             Builtin::PruneJobHistory,
         ),
+        JobSpec {
+            run_on: RunOn::Once,
+            ..builtin(EXPIRE_UPLOADS, expire_every, Builtin::ExpireUploads)
+        },
     ]
 }
 
@@ -218,8 +224,9 @@ pub fn valid_job_name(name: &str) -> bool {
 pub fn parse(
     tables: &[toml::Table],
     prune_interval: Duration,
+    expire_every: Duration,
 ) -> Result<Vec<JobSpec>, ConfigError> {
-    let mut jobs = builtins(prune_interval);
+    let mut jobs = builtins(prune_interval, expire_every);
     let mut seen = Vec::new();
     for (i, t) in tables.iter().enumerate() {
         let name = match t.get("name") {
@@ -568,7 +575,7 @@ mod tests {
             jobs: Vec<toml::Table>,
         }
         let j: J = toml::from_str(text).unwrap();
-        parse(&j.jobs, Duration::from_secs(60))
+        parse(&j.jobs, Duration::from_secs(60), Duration::from_secs(60))
     }
 
     fn err(text: &str) -> String {
@@ -594,7 +601,11 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!(all.len(), 4);
+        assert_eq!(all.len(), 5);
+        assert!(
+            all.iter()
+                .any(|j| j.name == EXPIRE_UPLOADS && j.run_on == RunOn::Once)
+        );
         let p = all.iter().find(|j| j.name == "publish").unwrap();
         assert_eq!(p.run_on, RunOn::Once);
         assert_eq!(p.misfire, Misfire::RunOnce);

@@ -10,6 +10,7 @@ pub mod keys;
 mod raw;
 pub mod search;
 pub mod units;
+pub mod uploads;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -104,6 +105,7 @@ pub struct Config {
     /// Every job, the built-ins first.
     pub jobs: Vec<jobs::JobSpec>,
     pub search: search::SearchConfig,
+    pub uploads: uploads::UploadsConfig,
     /// Where the config came from (for messages).
     pub source: Option<PathBuf>,
 }
@@ -459,8 +461,9 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
             "must be at most 1MiB (it is stored with every run)",
         ));
     }
-    let jobs = jobs::parse(&raw.jobs, sync.prune_interval)?;
     let search = search::validate(raw.search)?;
+    let uploads = uploads::validate(raw.uploads, &data_dir)?;
+    let jobs = jobs::parse(&raw.jobs, sync.prune_interval, uploads.expire_every)?;
 
     let l = raw.log;
     let level = nonempty(l.level).unwrap_or_else(|| "info".to_string());
@@ -494,6 +497,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         scheduler,
         jobs,
         search,
+        uploads,
         source: None,
     })
 }

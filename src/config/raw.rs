@@ -26,6 +26,25 @@ pub(super) struct Raw {
     pub(super) scheduler: RawScheduler,
     pub(super) jobs: Vec<toml::Table>,
     pub(super) search: RawSearch,
+    pub(super) uploads: RawUploads,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawUploads {
+    pub(super) store: Option<String>,
+    pub(super) dir: Option<PathBuf>,
+    pub(super) ttl: Option<String>,
+    pub(super) max_size: Option<SizeValue>,
+    pub(super) mirror: Option<bool>,
+    pub(super) local_cache_size: Option<SizeValue>,
+    pub(super) expire_every: Option<String>,
+    pub(super) abandon_after: Option<String>,
+    pub(super) endpoint: Option<String>,
+    pub(super) region: Option<String>,
+    pub(super) access_key_id: Option<String>,
+    pub(super) secret_access_key_file: Option<PathBuf>,
+    pub(super) allow_http: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

@@ -14,6 +14,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "coordination",
         include_str!("migrations/0002_coordination.sql"),
     ),
+    (3, "uploads", include_str!("migrations/0003_uploads.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -27,6 +27,17 @@ pub struct Queries {
     pub lock_release: String,
     pub bump: String,
     pub bump_ack: String,
+    pub upload_begin: String,
+    pub upload_multipart: String,
+    pub upload_register: String,
+    pub upload_register_ack: String,
+    pub upload_discard: String,
+    pub upload_delete: String,
+    pub upload_delete_ack: String,
+    pub upload_forget: String,
+    pub upload_expire: String,
+    pub upload_get: String,
+    pub upload_list: String,
     pub claim_run: String,
     pub finish_run: String,
     pub queue_run: String,
@@ -93,6 +104,45 @@ impl Queries {
                 "SELECT {schema}.lock_renew($1::text, $2::int8, make_interval(secs => $3::float8))",
             ),
             lock_release: r("SELECT {schema}.lock_release($1::text, $2::int8)"),
+            upload_begin: r(
+                "SELECT {schema}.upload_begin($1::text, $2::text, $3::text, $4::text, \
+                 make_interval(secs => $5::float8))",
+            ),
+            upload_multipart: r(
+                "UPDATE {schema}.uploads SET multipart_id = $2::text WHERE id = $1::text AND state = 'pending'",
+            ),
+            upload_register: r(
+                "SELECT tx::text, meta::text FROM {schema}.upload_register($1::text, $2::int8, $3::text)",
+            ),
+            upload_register_ack: r(
+                "SELECT u.tx::text, u.meta::text, {schema}.request_ack()::text \
+                 FROM {schema}.upload_register($1::text, $2::int8, $3::text) u",
+            ),
+            upload_discard: r(
+                "DELETE FROM {schema}.uploads WHERE id = $1::text AND state = 'pending'",
+            ),
+            upload_delete: r("SELECT pg_current_xact_id()::text, {schema}.upload_delete($1::text)"),
+            upload_delete_ack: r(
+                "SELECT pg_current_xact_id()::text, {schema}.upload_delete($1::text), \
+                 {schema}.request_ack()::text",
+            ),
+            upload_forget: r(
+                "DELETE FROM {schema}.uploads WHERE id = $1::text AND state IN ('deleting', 'abandoned')",
+            ),
+            upload_expire: r(
+                "SELECT id, state, multipart_id, expired FROM {schema}.upload_expire(\
+                 make_interval(secs => $1::float8), $2::int, $3::int, $4::text)",
+            ),
+            upload_get: r(
+                "SELECT {schema}.upload_meta(u)::text FROM {schema}.uploads u \
+                 WHERE id = $1::text AND state = 'stored' AND expires_at > now()",
+            ),
+            upload_list: r(
+                "SELECT {schema}.upload_meta(u)::text, id FROM {schema}.uploads u \
+                 WHERE state = 'stored' AND expires_at > now() \
+                 AND ($1::text IS NULL OR id > $1::text) AND ($2::text IS NULL OR name = $2::text) \
+                 ORDER BY id LIMIT $3::int",
+            ),
             bump: r("SELECT tx::text, version FROM {schema}.bump($1::text)"),
             bump_ack: r(
                 "SELECT b.tx::text, b.version, {schema}.request_ack()::text \

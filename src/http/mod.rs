@@ -7,6 +7,7 @@ pub mod coord;
 pub mod error;
 pub mod node;
 pub mod search;
+pub mod uploads;
 pub mod write;
 
 use std::sync::Arc;
@@ -54,6 +55,14 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/search", get(search::indexes))
         .route("/v1/search/{index}", get(search::search))
         .route("/v1/search/{index}/rebuild", post(search::rebuild))
+        .route("/v1/uploads", get(uploads::list).post(uploads::create))
+        .route(
+            "/v1/uploads/{id}",
+            get(uploads::get)
+                .head(uploads::head)
+                .delete(uploads::delete),
+        )
+        .route("/v1/uploads/{id}/path", get(uploads::path))
         .route("/healthz", get(node::healthz))
         .route("/readyz", get(node::readyz))
         .route("/metrics", get(node::metrics))
@@ -106,6 +115,9 @@ const ROUTES: &[&str] = &[
     "/v1/search",
     "/v1/search/{index}",
     "/v1/search/{index}/rebuild",
+    "/v1/uploads",
+    "/v1/uploads/{id}",
+    "/v1/uploads/{id}/path",
     "/healthz",
     "/readyz",
     "/metrics",

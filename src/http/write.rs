@@ -127,7 +127,19 @@ pub async fn commit_with(
     let statement = if wait == Wait::Cluster { sql_ack } else { sql };
     let row = app.db.query_one(statement, params).await?;
     let token: String = row.get(0);
-    let mut body = extra(&row);
+    let body = extra(&row);
+    answer(app, token, body, wait, deadline).await
+}
+
+/// Answers a committed write named by `token` (its transaction id): waits
+/// as asked, then adds the token (and how the wait went) to `body`.
+pub async fn answer(
+    app: &App,
+    token: String,
+    mut body: serde_json::Value,
+    wait: Wait,
+    deadline: Instant,
+) -> Result<Response, ApiError> {
     let tx: u64 = token
         .parse()
         .map_err(|_| ApiError::internal(format!("unexpected transaction id {token:?}")))?;

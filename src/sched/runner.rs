@@ -244,6 +244,10 @@ impl Runner {
                 Ok(text) => Outcome::succeeded(text),
                 Err(e) => Outcome::failed(e.to_string()),
             },
+            Builtin::ExpireUploads => match app.uploads.expire(app).await {
+                Ok(text) => Outcome::succeeded(text),
+                Err(e) => Outcome::failed(e),
+            },
         }
     }
 

@@ -19,6 +19,8 @@ use super::record::Recorder;
 use crate::cache::versions::VERSIONS_CACHE;
 use crate::cache::{CacheDir, Generation};
 use crate::search::{Feed, Mark};
+use crate::uploads::UPLOADS_CACHE;
+use crate::uploads::events::Event;
 
 /// What a committed batch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -91,6 +93,8 @@ fn apply_one(l: &mut Local, change: Change) {
                     l.applied.puts += 1;
                     if cache == VERSIONS_CACHE {
                         l.dir.versions().set(&key, &value);
+                    } else if cache == UPLOADS_CACHE {
+                        l.dir.upload_events().push(Event::Registered(key.clone()));
                     }
                     if l.feed.wants(&cache) {
                         l.feed.put(&cache, &key, value);
@@ -104,6 +108,8 @@ fn apply_one(l: &mut Local, change: Change) {
                 l.applied.deletes += 1;
                 if cache == VERSIONS_CACHE {
                     l.dir.versions().remove(&key);
+                } else if cache == UPLOADS_CACHE {
+                    l.dir.upload_events().push(Event::Withdrawn(key.clone()));
                 }
                 l.feed.delete(&cache, &key);
             }

@@ -6,6 +6,7 @@
 
 pub mod proxy;
 pub mod recorder;
+pub mod s3;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
@@ -57,7 +58,7 @@ pub fn pg_bin_dir() -> PathBuf {
     )
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -1,0 +1,742 @@
+//! Shared uploads: a file uploaded to one host is readable on every host.
+//!
+//! The bytes go to the object store (`uploads.store`) under `<prefix>/<id>`;
+//! the upload is registered in PostgreSQL and announced through the log as
+//! an entry of the reserved cache `_uploads` (its metadata as JSON), in the
+//! same transaction that marks it stored, so it becomes visible only once it
+//! is wholly in the store and every host learns of it without listing the
+//! bucket. Other hosts fetch it on first read (or at once with
+//! `uploads.mirror`), verify its sha256 and keep a local copy under
+//! `<dir>/files/<id>`, trimmed least recently used first.
+//!
+//! Layout of `uploads.dir`:
+//! - `incoming/`: watched; the app drops files here ([`watch`]);
+//! - `receipts/<name>.json`: the upload each taken file became;
+//! - `rejected/`: watched files refused for good (too large);
+//! - `files/<id>`: local copies;
+//! - `tmp/`: partial copies (emptied at start).
+
+pub mod events;
+pub mod metrics;
+pub mod store;
+pub mod watch;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::config::uploads::UploadsConfig;
+use crate::db::DbError;
+use events::{Event, Events};
+use store::{Chunker, Part, Store, StoreError};
+
+/// The reserved cache holding the registrations (unreachable through the
+/// cache API, whose names cannot start with `_`).
+pub const UPLOADS_CACHE: &str = "_uploads";
+
+/// How often each host reconciles its local copies with the registry.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// A local copy younger than this is not removed for being unregistered
+/// (its registration may not have been applied here yet).
+const YOUNG: Duration = Duration::from_secs(600);
+
+/// An upload's metadata, as every host keeps it and the API answers it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Meta {
+    pub id: String,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_type: String,
+    pub origin: String,
+    pub created_at: String,
+    pub expires_at: String,
+}
+
+impl Meta {
+    fn expired(&self) -> bool {
+        chrono::DateTime::parse_from_rfc3339(&self.expires_at)
+            .map(|t| t <= chrono::Utc::now())
+            .unwrap_or(false)
+    }
+}
+
+/// Why storing or reading an upload failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("the upload is larger than uploads.max_size ({max} bytes)")]
+    TooLarge { max: u64 },
+    #[error("the upload's body was cut short: {0}")]
+    Body(String),
+    #[error("the object store failed: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("the stored bytes of upload {0} do not match its sha256")]
+    Checksum(String),
+    #[error("upload {0} is registered but missing from the object store")]
+    Missing(String),
+    #[error("local copy: {0}")]
+    Local(#[from] io::Error),
+}
+
+/// An upload whose bytes are in the store, not yet registered.
+#[derive(Debug)]
+pub struct Stored {
+    pub id: String,
+    pub size: u64,
+    pub sha256: String,
+    /// The copy made while storing (moved into `files/` once registered).
+    local: PathBuf,
+}
+
+/// The uploads of this host.
+pub struct Uploads {
+    pub config: UploadsConfig,
+    pub store: Store,
+    files: PathBuf,
+    tmp: PathBuf,
+    pub(crate) incoming: PathBuf,
+    pub(crate) receipts: PathBuf,
+    pub(crate) rejected: PathBuf,
+    /// One fetch per upload at a time.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub events: Arc<Events>,
+}
+
+/// A fresh upload id: 12 hex digits of milliseconds since the epoch, then
+/// 20 random hex digits (so ids sort by creation).
+pub fn new_id() -> String {
+    let ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    let random: u128 = rand::random();
+    format!("{:012x}{:020x}", ms & 0xffff_ffff_ffff, random >> 48)
+}
+
+/// Whether `id` is an upload id (32 lower-case hex digits): anything else is
+/// refused before it reaches a path or a query.
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 32
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A file name safe to keep and to show: its last path component, without
+/// control characters, at most 255 bytes, never empty, `.` or `..`.
+pub fn sanitize_name(name: &str) -> String {
+    let last = name.rsplit(['/', '\\']).next().unwrap_or("");
+    let mut out: String = last.chars().filter(|c| !c.is_control()).collect();
+    let trimmed = out.trim().to_string();
+    out = trimmed;
+    while out.len() > 255 {
+        out.pop();
+    }
+    if out.is_empty() || out == "." || out == ".." {
+        return "upload".to_string();
+    }
+    out
+}
+
+/// A content type as given, or `application/octet-stream` when it is
+/// missing or not printable ASCII.
+pub fn sanitize_content_type(ct: Option<&str>) -> String {
+    match ct {
+        Some(c)
+            if !c.is_empty() && c.len() <= 255 && c.bytes().all(|b| (0x20..0x7f).contains(&b)) =>
+        {
+            c.to_string()
+        }
+        _ => "application/octet-stream".to_string(),
+    }
+}
+
+impl Uploads {
+    /// Opens the store and the local directories (emptying `tmp/`).
+    pub fn open(config: &UploadsConfig, events: Arc<Events>) -> Result<Self, String> {
+        let store = Store::open(config)?;
+        let d = &config.dir;
+        let u = Self {
+            config: config.clone(),
+            store,
+            files: d.join("files"),
+            tmp: d.join("tmp"),
+            incoming: d.join("incoming"),
+            receipts: d.join("receipts"),
+            rejected: d.join("rejected"),
+            fetching: Mutex::default(),
+            events,
+        };
+        for dir in [&u.files, &u.tmp, &u.incoming, &u.receipts, &u.rejected] {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        if let Ok(entries) = std::fs::read_dir(&u.tmp) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        Ok(u)
+    }
+
+    /// The metadata of a live upload: from this host's copy of the
+    /// registry, or (not applied here yet) from the database.
+    pub async fn meta(&self, app: &App, id: &str) -> Result<Option<Meta>, DbError> {
+        if !valid_id(id) {
+            return Ok(None);
+        }
+        let local = app
+            .cache
+            .read(UPLOADS_CACHE, id)
+            .ok()
+            .flatten()
+            .and_then(|(v, _)| serde_json::from_slice::<Meta>(&v).ok());
+        if let Some(m) = local {
+            return Ok((!m.expired()).then_some(m));
+        }
+        let rows = app.db.query(&app.queries.upload_get, &[&id]).await?;
+        Ok(rows
+            .first()
+            .and_then(|r| serde_json::from_str(r.get::<_, &str>(0)).ok()))
+    }
+
+    /// Streams `body` into the store (and a local copy), hashing it; the
+    /// upload is recorded as pending first, so that a crash leaves nothing
+    /// the expiry job does not remove. Nothing is visible until
+    /// [`Uploads::register`]. On failure everything is undone.
+    pub async fn store_body<S, E>(
+        &self,
+        app: &App,
+        name: &str,
+        content_type: &str,
+        ttl: Duration,
+        body: S,
+    ) -> Result<Stored, UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let id = new_id();
+        app.db
+            .query(
+                &app.queries.upload_begin,
+                &[
+                    &id,
+                    &name,
+                    &content_type,
+                    &app.config.host_id,
+                    &ttl.as_secs_f64(),
+                ],
+            )
+            .await?;
+        let local = self.tmp.join(format!("{id}.up"));
+        let result = self.stream_to_store(app, &id, &local, body).await;
+        match result {
+            Ok((size, sha256)) => Ok(Stored {
+                id,
+                size,
+                sha256,
+                local,
+            }),
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&local).await;
+                if matches!(e, UploadError::Store(_)) {
+                    // A multipart upload was aborted; a single PUT failed.
+                    app.metrics
+                        .uploads
+                        .store_errors
+                        .with_label_values(&["put"])
+                        .inc();
+                } else if let Err(re) = self.store.remove(&id, None).await {
+                    // The pending row stays, for the expiry job.
+                    tracing::warn!(id = %id, error = %re, "cannot remove a failed upload's bytes; the expiry job will");
+                    return Err(e);
+                }
+                // Nothing left in the store: the pending row can go (if the
+                // database is away, the expiry job removes it later).
+                let _ = app.db.query(&app.queries.upload_discard, &[&id]).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn stream_to_store<S, E>(
+        &self,
+        app: &App,
+        id: &str,
+        local: &Path,
+        body: S,
+    ) -> Result<(u64, String), UploadError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let max = self.config.max_size;
+        let mut chunks = Chunker::new(body.map(|r| r.map_err(|e| e.to_string())));
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut copy = tokio::fs::File::create(local).await?;
+        let mut take = |part: &Part, hasher: &mut Sha256| {
+            size += part.len as u64;
+            for c in &part.chunks {
+                hasher.update(c);
+            }
+            if size > max {
+                Err(UploadError::TooLarge { max })
+            } else {
+                Ok(size)
+            }
+        };
+        let (first, last) = match chunks.next_part().await.map_err(UploadError::Body)? {
+            Some(p) => p,
+            None => (Part::default(), true),
+        };
+        let mut total = take(&first, &mut hasher)?;
+        write_part(&mut copy, &first).await?;
+        let db = &app.db;
+        let sql = &app.queries.upload_multipart;
+        let record = |upload_id: String| async move {
+            db.query(sql, &[&id, &upload_id])
+                .await
+                .map(|_| ())
+                .map_err(|e| StoreError::Generic {
+                    store: "tandem",
+                    source: Box::new(e),
+                })
+        };
+        let mut writer = self.store.begin(id, first.payload(), last, record).await?;
+        let outcome: Result<(), UploadError> = async {
+            while let Some((part, _)) = chunks.next_part().await.map_err(UploadError::Body)? {
+                total = take(&part, &mut hasher)?;
+                write_part(&mut copy, &part).await?;
+                writer.part(part.payload()).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = outcome {
+            writer.abort().await;
+            return Err(e);
+        }
+        writer.finish().await?;
+        copy.flush().await?;
+        Ok((total, hex(&hasher.finalize())))
+    }
+
+    /// Makes a stored upload visible everywhere (no wait) and keeps its
+    /// local copy; answers the metadata.
+    pub async fn register(&self, app: &App, stored: Stored) -> Result<Meta, UploadError> {
+        let size = stored.size as i64;
+        let row = match app
+            .db
+            .query_one(
+                &app.queries.upload_register,
+                &[&stored.id, &size, &stored.sha256],
+            )
+            .await
+        {
+            Ok(row) => row,
+            Err(e) => {
+                self.discard(app, stored).await;
+                return Err(e.into());
+            }
+        };
+        let meta: Meta = serde_json::from_str(row.get::<_, &str>(1))
+            .map_err(|e| io::Error::other(format!("unexpected metadata: {e}")))?;
+        self.keep_local(&stored);
+        Ok(meta)
+    }
+
+    /// Undoes a stored upload that could not be registered.
+    pub async fn discard(&self, app: &App, stored: Stored) {
+        let _ = tokio::fs::remove_file(&stored.local).await;
+        if self.store.remove(&stored.id, None).await.is_ok() {
+            let _ = app
+                .db
+                .query(&app.queries.upload_discard, &[&stored.id])
+                .await;
+        }
+    }
+
+    /// Moves the copy made while storing into the local copies.
+    pub fn keep_local(&self, stored: &Stored) {
+        if let Err(e) = std::fs::rename(&stored.local, self.files.join(&stored.id)) {
+            tracing::warn!(id = %stored.id, error = %e, "cannot keep the local copy of an upload");
+        }
+    }
+
+    /// The local copy of an upload, fetched from the store (and verified)
+    /// when this host has none.
+    pub async fn local_path(&self, app: &App, meta: &Meta) -> Result<PathBuf, UploadError> {
+        let path = self.files.join(&meta.id);
+        if self.usable(&path, meta) {
+            return Ok(path);
+        }
+        let lock = {
+            let mut map = self.fetching.lock().expect("not poisoned");
+            map.entry(meta.id.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let result = if self.usable(&path, meta) {
+            Ok(path.clone())
+        } else {
+            self.fetch(app, meta, &path).await
+        };
+        self.fetching.lock().expect("not poisoned").remove(&meta.id);
+        result
+    }
+
+    /// Whether a local copy exists with the right size (touching it for the
+    /// least-recently-used trimming).
+    fn usable(&self, path: &Path, meta: &Meta) -> bool {
+        let Ok(m) = std::fs::metadata(path) else {
+            return false;
+        };
+        if m.len() != meta.size {
+            return false;
+        }
+        let stale = m
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age > Duration::from_secs(60));
+        if stale && let Ok(f) = std::fs::File::options().append(true).open(path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        true
+    }
+
+    async fn fetch(&self, app: &App, meta: &Meta, path: &Path) -> Result<PathBuf, UploadError> {
+        let m = &app.metrics.uploads;
+        let started = Instant::now();
+        let mut last = None;
+        for attempt in 0..2 {
+            let tmp = self.tmp.join(format!("{}.{attempt}.get", meta.id));
+            match self.fetch_once(meta, &tmp).await {
+                Ok(true) => {
+                    tokio::fs::rename(&tmp, path).await?;
+                    m.fetched.inc();
+                    m.fetched_bytes.inc_by(meta.size);
+                    m.fetch_duration.observe(started.elapsed().as_secs_f64());
+                    return Ok(path.to_path_buf());
+                }
+                Ok(false) => {
+                    m.checksum_mismatches.inc();
+                    tracing::error!(id = %meta.id, attempt, "fetched upload does not match its sha256; not served");
+                    last = Some(UploadError::Checksum(meta.id.clone()));
+                }
+                Err(UploadError::Store(StoreError::NotFound { .. })) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(UploadError::Missing(meta.id.clone()));
+                }
+                Err(e) => {
+                    if matches!(e, UploadError::Store(_)) {
+                        m.store_errors.with_label_values(&["get"]).inc();
+                    }
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
+            }
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        Err(last.expect("two attempts failed"))
+    }
+
+    /// Fetches into `tmp`; answers whether size and sha256 match.
+    async fn fetch_once(&self, meta: &Meta, tmp: &Path) -> Result<bool, UploadError> {
+        let mut stream = self.store.get(&meta.id).await?;
+        let mut file = tokio::fs::File::create(tmp).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            if size > meta.size {
+                return Ok(false);
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(size == meta.size && hex(&hasher.finalize()) == meta.sha256)
+    }
+
+    /// After a delete committed: removes the bytes from the store and then
+    /// the row (if the store fails, the expiry job retries).
+    pub async fn remove_deleted(&self, app: &App, id: &str) {
+        match self.store.remove(id, None).await {
+            Ok(()) => {
+                let _ = app.db.query(&app.queries.upload_forget, &[&id]).await;
+            }
+            Err(e) => {
+                app.metrics
+                    .uploads
+                    .store_errors
+                    .with_label_values(&["delete"])
+                    .inc();
+                tracing::warn!(id, error = %e, "cannot delete an upload from the store; the expiry job will retry");
+            }
+        }
+        self.remove_local(id);
+    }
+
+    fn remove_local(&self, id: &str) {
+        if valid_id(id) {
+            let _ = std::fs::remove_file(self.files.join(id));
+        }
+    }
+
+    /// The expiry job (one host per scheduled time): withdraws expired
+    /// uploads, cleans abandoned ones (aborting their multipart uploads) and
+    /// retries deletions the store refused.
+    pub async fn expire(&self, app: &App) -> Result<String, String> {
+        let m = &app.metrics.uploads;
+        let missed = app.config.cluster.stale_after as i32;
+        let abandon = self.config.abandon_after.as_secs_f64();
+        let (mut expired, mut abandoned, mut failed, mut retried) = (0, 0, 0, 0);
+        loop {
+            let rows = app
+                .db
+                .query(
+                    &app.queries.upload_expire,
+                    &[&abandon, &missed, &500i32, &app.config.host_id],
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let n = rows.len();
+            for row in rows {
+                let id: String = row.get(0);
+                let state: String = row.get(1);
+                let multipart: Option<String> = row.get(2);
+                match self.store.remove(&id, multipart.as_deref()).await {
+                    Ok(()) => {
+                        app.db
+                            .query(&app.queries.upload_forget, &[&id])
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        if row.get::<_, bool>(3) {
+                            expired += 1;
+                            m.expired.inc();
+                        } else if state == "abandoned" {
+                            abandoned += 1;
+                            m.abandoned.inc();
+                        } else {
+                            retried += 1;
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        m.store_errors.with_label_values(&["delete"]).inc();
+                        tracing::warn!(id = %id, error = %e, "cannot remove an upload from the store");
+                    }
+                }
+            }
+            if n < 500 || failed > 0 {
+                break;
+            }
+        }
+        let summary = format!(
+            "expired {expired}, abandoned {abandoned}, deletions retried {retried}, failed {failed}"
+        );
+        if failed > 0 {
+            Err(summary)
+        } else {
+            Ok(summary)
+        }
+    }
+
+    /// Brings the local copies in line with the registry: removes copies
+    /// of withdrawn uploads, trims to `uploads.local_cache_size` (least
+    /// recently used first), drops old receipts, and (with `mirror`) lists
+    /// what to prefetch.
+    fn reconcile(&self, app: &App) -> Vec<Meta> {
+        let m = &app.metrics.uploads;
+        let registered: std::collections::HashSet<String> = app
+            .cache
+            .list(UPLOADS_CACHE)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut copies = Vec::new();
+        let mut total = 0u64;
+        for e in std::fs::read_dir(&self.files)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(md) = e.metadata() else { continue };
+            let modified = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let young = modified.elapsed().map(|a| a < YOUNG).unwrap_or(true);
+            if !valid_id(&name) || (!registered.contains(&name) && !young) {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            total += md.len();
+            copies.push((modified, md.len(), name));
+        }
+        if total > self.config.local_cache_size {
+            copies.sort();
+            let mut keep = Vec::new();
+            for (t, len, name) in copies {
+                if total > self.config.local_cache_size {
+                    let _ = std::fs::remove_file(self.files.join(&name));
+                    total -= len;
+                    m.evicted.inc();
+                } else {
+                    keep.push((t, len, name));
+                }
+            }
+            copies = keep;
+        }
+        m.local_bytes.set(total as i64);
+        m.local_files.set(copies.len() as i64);
+        for e in std::fs::read_dir(&self.receipts)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > self.config.ttl);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        if !self.config.mirror {
+            return Vec::new();
+        }
+        let have: std::collections::HashSet<&String> = copies.iter().map(|c| &c.2).collect();
+        registered
+            .iter()
+            .filter(|id| !have.contains(id))
+            .filter_map(|id| app.cache.read(UPLOADS_CACHE, id).ok().flatten())
+            .filter_map(|(v, _)| serde_json::from_slice::<Meta>(&v).ok())
+            .collect()
+    }
+
+    /// Fetches uploads ahead of reads (`uploads.mirror`), one at a time.
+    async fn prefetch(&self, app: &App, metas: Vec<Meta>) {
+        for meta in metas {
+            if meta.expired() {
+                continue;
+            }
+            if let Err(e) = self.local_path(app, &meta).await {
+                tracing::warn!(id = %meta.id, error = %e, "cannot mirror an upload");
+            }
+        }
+    }
+}
+
+async fn write_part(file: &mut tokio::fs::File, part: &Part) -> io::Result<()> {
+    for c in &part.chunks {
+        file.write_all(c).await?;
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The per-host uploads task: applies withdrawals to the local copies as
+/// they arrive through the log, reconciles periodically, mirrors.
+pub async fn run(app: Arc<App>, cancel: CancellationToken) {
+    let uploads = app.uploads.clone();
+    let mut next = Instant::now();
+    loop {
+        let mut fresh = Vec::new();
+        for event in uploads.events.take() {
+            match event {
+                Event::Withdrawn(id) => uploads.remove_local(&id),
+                Event::Registered(id) if uploads.config.mirror => fresh.push(id),
+                Event::Registered(_) => {}
+            }
+        }
+        if !fresh.is_empty() {
+            let mut metas = Vec::new();
+            for id in fresh {
+                if let Ok(Some(m)) = uploads.meta(&app, &id).await {
+                    metas.push(m);
+                }
+            }
+            uploads.prefetch(&app, metas).await;
+        }
+        if Instant::now() >= next {
+            let (a, u) = (app.clone(), uploads.clone());
+            let todo = tokio::task::spawn_blocking(move || u.reconcile(&a))
+                .await
+                .unwrap_or_default();
+            uploads.prefetch(&app, todo).await;
+            next = Instant::now() + RECONCILE_EVERY;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = uploads.events.wait() => {}
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_valid_and_sorted() {
+        let a = new_id();
+        std::thread::sleep(Duration::from_millis(2));
+        let b = new_id();
+        assert!(valid_id(&a) && valid_id(&b), "{a} {b}");
+        assert!(a < b);
+        for bad in [
+            "",
+            "../etc/passwd",
+            &"A".repeat(32),
+            &"0".repeat(31),
+            &"0".repeat(33),
+            "0123456789abcdef0123456789abcdeg",
+        ] {
+            assert!(!valid_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_are_sanitised() {
+        assert_eq!(sanitize_name("photo.jpg"), "photo.jpg");
+        assert_eq!(sanitize_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_name("C:\\Users\\x\\report.pdf"), "report.pdf");
+        assert_eq!(sanitize_name("a\nb\0c\u{7f}.txt"), "abc.txt");
+        assert_eq!(sanitize_name(".."), "upload");
+        assert_eq!(sanitize_name("dir/"), "upload");
+        assert_eq!(sanitize_name(""), "upload");
+        let long = "é".repeat(200);
+        assert!(sanitize_name(&long).len() <= 255);
+        assert_eq!(sanitize_name("café ☕.png"), "café ☕.png");
+    }
+
+    #[test]
+    fn content_types_are_checked() {
+        assert_eq!(sanitize_content_type(Some("image/png")), "image/png");
+        assert_eq!(
+            sanitize_content_type(Some("bad\ntype")),
+            "application/octet-stream"
+        );
+        assert_eq!(sanitize_content_type(None), "application/octet-stream");
+    }
+}
