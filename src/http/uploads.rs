@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::ApiError;
-use super::write::{WaitParams, answer, authorize};
+use super::write::{Wait, WaitParams, answer, authorize};
 use crate::app::App;
 use crate::config::units::parse_duration;
 use crate::uploads::{Meta, UploadError, sanitize_content_type, sanitize_name, valid_id};
@@ -115,29 +115,12 @@ pub async fn create(
     let stored = uploads
         .store_body(&app, &name, &content_type, ttl, body.into_data_stream())
         .await?;
-    let (size, id) = (stored.size as i64, stored.id.clone());
-    let sql = if wait == super::write::Wait::Cluster {
-        &app.queries.upload_register_ack
-    } else {
-        &app.queries.upload_register
-    };
-    let row = match app.db.query_one(sql, &[&id, &size, &stored.sha256]).await {
-        Ok(row) => row,
-        Err(e) => {
-            uploads.discard(&app, stored).await;
-            return Err(e.into());
-        }
-    };
-    uploads.keep_local(&stored);
-    app.metrics
-        .uploads
-        .stored
-        .with_label_values(&["http"])
-        .inc();
-    app.metrics.uploads.stored_bytes.inc_by(stored.size);
-    let meta: serde_json::Value = serde_json::from_str(row.get::<_, &str>(1))
-        .map_err(|e| ApiError::internal(format!("unexpected metadata: {e}")))?;
-    let mut response = answer(&app, row.get(0), meta, wait, deadline).await?;
+    let (token, meta) = uploads
+        .register(&app, stored, "http", wait == Wait::Cluster)
+        .await?;
+    let id = meta.id.clone();
+    let body = serde_json::to_value(&meta).expect("serialisable");
+    let mut response = answer(&app, token, body, wait, deadline).await?;
     if response.status() == StatusCode::OK {
         *response.status_mut() = StatusCode::CREATED;
     }
@@ -357,7 +340,7 @@ pub async fn delete(
     authorize(&app, &headers)?;
     let id = id_of(&id)?.to_string();
     let (wait, deadline) = query(q)?.parse(&app)?;
-    let sql = if wait == super::write::Wait::Cluster {
+    let sql = if wait == Wait::Cluster {
         &app.queries.upload_delete_ack
     } else {
         &app.queries.upload_delete

@@ -17,38 +17,34 @@
 //! - `tmp/`: partial copies (emptied at start).
 
 pub mod events;
+mod local;
 pub mod metrics;
 pub mod store;
 pub mod watch;
+
+pub use local::run;
 
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
 use crate::config::uploads::UploadsConfig;
 use crate::db::DbError;
-use events::{Event, Events};
+use events::Events;
 use store::{Chunker, Part, Store, StoreError};
 
 /// The reserved cache holding the registrations (unreachable through the
 /// cache API, whose names cannot start with `_`).
 pub const UPLOADS_CACHE: &str = "_uploads";
-
-/// How often each host reconciles its local copies with the registry.
-const RECONCILE_EVERY: Duration = Duration::from_secs(30);
-/// A local copy younger than this is not removed for being unregistered
-/// (its registration may not have been applied here yet).
-const YOUNG: Duration = Duration::from_secs(600);
 
 /// An upload's metadata, as every host keeps it and the API answers it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -335,16 +331,28 @@ impl Uploads {
         Ok((total, hex(&hasher.finalize())))
     }
 
-    /// Makes a stored upload visible everywhere (no wait) and keeps its
-    /// local copy; answers the metadata.
-    pub async fn register(&self, app: &App, stored: Stored) -> Result<Meta, UploadError> {
+    /// Makes a stored upload visible everywhere and keeps its local copy;
+    /// answers the write's token and the metadata. `ack` also asks every
+    /// host to report when it has applied it (`?wait=cluster`); `via`
+    /// labels the metrics (`http`, `watch`). If it cannot be registered,
+    /// the stored bytes are removed.
+    pub async fn register(
+        &self,
+        app: &App,
+        stored: Stored,
+        via: &str,
+        ack: bool,
+    ) -> Result<(String, Meta), UploadError> {
+        let q = &app.queries;
+        let sql = if ack {
+            &q.upload_register_ack
+        } else {
+            &q.upload_register
+        };
         let size = stored.size as i64;
         let row = match app
             .db
-            .query_one(
-                &app.queries.upload_register,
-                &[&stored.id, &size, &stored.sha256],
-            )
+            .query_one(sql, &[&stored.id, &size, &stored.sha256])
             .await
         {
             Ok(row) => row,
@@ -356,11 +364,13 @@ impl Uploads {
         let meta: Meta = serde_json::from_str(row.get::<_, &str>(1))
             .map_err(|e| io::Error::other(format!("unexpected metadata: {e}")))?;
         self.keep_local(&stored);
-        Ok(meta)
+        app.metrics.uploads.stored.with_label_values(&[via]).inc();
+        app.metrics.uploads.stored_bytes.inc_by(meta.size);
+        Ok((row.get(0), meta))
     }
 
     /// Undoes a stored upload that could not be registered.
-    pub async fn discard(&self, app: &App, stored: Stored) {
+    async fn discard(&self, app: &App, stored: Stored) {
         let _ = tokio::fs::remove_file(&stored.local).await;
         if self.store.remove(&stored.id, None).await.is_ok() {
             let _ = app
@@ -371,106 +381,10 @@ impl Uploads {
     }
 
     /// Moves the copy made while storing into the local copies.
-    pub fn keep_local(&self, stored: &Stored) {
+    fn keep_local(&self, stored: &Stored) {
         if let Err(e) = std::fs::rename(&stored.local, self.files.join(&stored.id)) {
             tracing::warn!(id = %stored.id, error = %e, "cannot keep the local copy of an upload");
         }
-    }
-
-    /// The local copy of an upload, fetched from the store (and verified)
-    /// when this host has none.
-    pub async fn local_path(&self, app: &App, meta: &Meta) -> Result<PathBuf, UploadError> {
-        let path = self.files.join(&meta.id);
-        if self.usable(&path, meta) {
-            return Ok(path);
-        }
-        let lock = {
-            let mut map = self.fetching.lock().expect("not poisoned");
-            map.entry(meta.id.clone()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-        let result = if self.usable(&path, meta) {
-            Ok(path.clone())
-        } else {
-            self.fetch(app, meta, &path).await
-        };
-        self.fetching.lock().expect("not poisoned").remove(&meta.id);
-        result
-    }
-
-    /// Whether a local copy exists with the right size (touching it for the
-    /// least-recently-used trimming).
-    fn usable(&self, path: &Path, meta: &Meta) -> bool {
-        let Ok(m) = std::fs::metadata(path) else {
-            return false;
-        };
-        if m.len() != meta.size {
-            return false;
-        }
-        let stale = m
-            .modified()
-            .ok()
-            .and_then(|t| t.elapsed().ok())
-            .is_none_or(|age| age > Duration::from_secs(60));
-        if stale && let Ok(f) = std::fs::File::options().append(true).open(path) {
-            let _ = f.set_modified(SystemTime::now());
-        }
-        true
-    }
-
-    async fn fetch(&self, app: &App, meta: &Meta, path: &Path) -> Result<PathBuf, UploadError> {
-        let m = &app.metrics.uploads;
-        let started = Instant::now();
-        let mut last = None;
-        for attempt in 0..2 {
-            let tmp = self.tmp.join(format!("{}.{attempt}.get", meta.id));
-            match self.fetch_once(meta, &tmp).await {
-                Ok(true) => {
-                    tokio::fs::rename(&tmp, path).await?;
-                    m.fetched.inc();
-                    m.fetched_bytes.inc_by(meta.size);
-                    m.fetch_duration.observe(started.elapsed().as_secs_f64());
-                    return Ok(path.to_path_buf());
-                }
-                Ok(false) => {
-                    m.checksum_mismatches.inc();
-                    tracing::error!(id = %meta.id, attempt, "fetched upload does not match its sha256; not served");
-                    last = Some(UploadError::Checksum(meta.id.clone()));
-                }
-                Err(UploadError::Store(StoreError::NotFound { .. })) => {
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(UploadError::Missing(meta.id.clone()));
-                }
-                Err(e) => {
-                    if matches!(e, UploadError::Store(_)) {
-                        m.store_errors.with_label_values(&["get"]).inc();
-                    }
-                    let _ = tokio::fs::remove_file(&tmp).await;
-                    return Err(e);
-                }
-            }
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
-        Err(last.expect("two attempts failed"))
-    }
-
-    /// Fetches into `tmp`; answers whether size and sha256 match.
-    async fn fetch_once(&self, meta: &Meta, tmp: &Path) -> Result<bool, UploadError> {
-        let mut stream = self.store.get(&meta.id).await?;
-        let mut file = tokio::fs::File::create(tmp).await?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            size += chunk.len() as u64;
-            if size > meta.size {
-                return Ok(false);
-            }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await?;
-        }
-        file.flush().await?;
-        Ok(size == meta.size && hex(&hasher.finalize()) == meta.sha256)
     }
 
     /// After a delete committed: removes the bytes from the store and then
@@ -490,12 +404,6 @@ impl Uploads {
             }
         }
         self.remove_local(id);
-    }
-
-    fn remove_local(&self, id: &str) {
-        if valid_id(id) {
-            let _ = std::fs::remove_file(self.files.join(id));
-        }
     }
 
     /// The expiry job (one host per scheduled time): withdraws expired
@@ -556,91 +464,6 @@ impl Uploads {
             Ok(summary)
         }
     }
-
-    /// Brings the local copies in line with the registry: removes copies
-    /// of withdrawn uploads, trims to `uploads.local_cache_size` (least
-    /// recently used first), drops old receipts, and (with `mirror`) lists
-    /// what to prefetch.
-    fn reconcile(&self, app: &App) -> Vec<Meta> {
-        let m = &app.metrics.uploads;
-        let registered: std::collections::HashSet<String> = app
-            .cache
-            .list(UPLOADS_CACHE)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        let mut copies = Vec::new();
-        let mut total = 0u64;
-        for e in std::fs::read_dir(&self.files)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(md) = e.metadata() else { continue };
-            let modified = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-            let young = modified.elapsed().map(|a| a < YOUNG).unwrap_or(true);
-            if !valid_id(&name) || (!registered.contains(&name) && !young) {
-                let _ = std::fs::remove_file(e.path());
-                continue;
-            }
-            total += md.len();
-            copies.push((modified, md.len(), name));
-        }
-        if total > self.config.local_cache_size {
-            copies.sort();
-            let mut keep = Vec::new();
-            for (t, len, name) in copies {
-                if total > self.config.local_cache_size {
-                    let _ = std::fs::remove_file(self.files.join(&name));
-                    total -= len;
-                    m.evicted.inc();
-                } else {
-                    keep.push((t, len, name));
-                }
-            }
-            copies = keep;
-        }
-        m.local_bytes.set(total as i64);
-        m.local_files.set(copies.len() as i64);
-        for e in std::fs::read_dir(&self.receipts)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|a| a > self.config.ttl);
-            if old {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        if !self.config.mirror {
-            return Vec::new();
-        }
-        let have: std::collections::HashSet<&String> = copies.iter().map(|c| &c.2).collect();
-        registered
-            .iter()
-            .filter(|id| !have.contains(id))
-            .filter_map(|id| app.cache.read(UPLOADS_CACHE, id).ok().flatten())
-            .filter_map(|(v, _)| serde_json::from_slice::<Meta>(&v).ok())
-            .collect()
-    }
-
-    /// Fetches uploads ahead of reads (`uploads.mirror`), one at a time.
-    async fn prefetch(&self, app: &App, metas: Vec<Meta>) {
-        for meta in metas {
-            if meta.expired() {
-                continue;
-            }
-            if let Err(e) = self.local_path(app, &meta).await {
-                tracing::warn!(id = %meta.id, error = %e, "cannot mirror an upload");
-            }
-        }
-    }
 }
 
 async fn write_part(file: &mut tokio::fs::File, part: &Part) -> io::Result<()> {
@@ -652,45 +475,6 @@ async fn write_part(file: &mut tokio::fs::File, part: &Part) -> io::Result<()> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The per-host uploads task: applies withdrawals to the local copies as
-/// they arrive through the log, reconciles periodically, mirrors.
-pub async fn run(app: Arc<App>, cancel: CancellationToken) {
-    let uploads = app.uploads.clone();
-    let mut next = Instant::now();
-    loop {
-        let mut fresh = Vec::new();
-        for event in uploads.events.take() {
-            match event {
-                Event::Withdrawn(id) => uploads.remove_local(&id),
-                Event::Registered(id) if uploads.config.mirror => fresh.push(id),
-                Event::Registered(_) => {}
-            }
-        }
-        if !fresh.is_empty() {
-            let mut metas = Vec::new();
-            for id in fresh {
-                if let Ok(Some(m)) = uploads.meta(&app, &id).await {
-                    metas.push(m);
-                }
-            }
-            uploads.prefetch(&app, metas).await;
-        }
-        if Instant::now() >= next {
-            let (a, u) = (app.clone(), uploads.clone());
-            let todo = tokio::task::spawn_blocking(move || u.reconcile(&a))
-                .await
-                .unwrap_or_default();
-            uploads.prefetch(&app, todo).await;
-            next = Instant::now() + RECONCILE_EVERY;
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = uploads.events.wait() => {}
-            _ = tokio::time::sleep_until(next.into()) => {}
-        }
-    }
 }
 
 #[cfg(test)]

@@ -226,16 +226,10 @@ async fn take(app: &App, path: &Path) -> Taken {
         }
         Err(e) => return Taken::Retry(e.to_string()),
     };
-    let meta = match uploads.register(app, stored).await {
-        Ok(m) => m,
+    let meta = match uploads.register(app, stored, "watch", false).await {
+        Ok((_, m)) => m,
         Err(e) => return Taken::Retry(e.to_string()),
     };
-    app.metrics
-        .uploads
-        .stored
-        .with_label_values(&["watch"])
-        .inc();
-    app.metrics.uploads.stored_bytes.inc_by(meta.size);
     let receipt = uploads.receipts.join(format!("{name}.json"));
     let tmp = uploads.receipts.join(format!(".{}.tmp", meta.id));
     let text = serde_json::to_vec_pretty(&meta).expect("serialisable");

@@ -97,31 +97,27 @@ impl S3Server {
         ]
     }
 
-    /// Every object key in the bucket.
-    pub async fn keys(&self) -> Vec<String> {
-        let text = self
-            .http
-            .get(format!("{}/{}?list-type=2", self.endpoint(), self.bucket))
+    /// The text of a GET on the bucket with `query`.
+    async fn bucket_text(&self, query: &str) -> String {
+        let url = format!("{}/{}?{query}", self.endpoint(), self.bucket);
+        self.http
+            .get(url)
             .send()
             .await
             .unwrap()
             .text()
             .await
-            .unwrap();
-        tags(&text, "Key")
+            .unwrap()
+    }
+
+    /// Every object key in the bucket.
+    pub async fn keys(&self) -> Vec<String> {
+        tags(&self.bucket_text("list-type=2").await, "Key")
     }
 
     /// The keys of the open multipart uploads.
     pub async fn multipart_uploads(&self) -> Vec<String> {
-        let text = self
-            .http
-            .get(format!("{}/{}?uploads", self.endpoint(), self.bucket))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.bucket_text("uploads").await;
         text.split("<Upload>")
             .skip(1)
             .flat_map(|u| tags(u, "Key"))

@@ -1,0 +1,253 @@
+//! This host's local copies of uploads (`<dir>/files/<id>`): fetched from
+//! the store on first read (or at once with `uploads.mirror`) and verified
+//! against their sha256, removed when their upload is withdrawn, trimmed
+//! to `uploads.local_cache_size` least recently used first. [`run`] is the
+//! per-host task that keeps them in line with the registry.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use super::events::Event;
+use super::store::StoreError;
+use super::{Meta, UPLOADS_CACHE, UploadError, Uploads, hex, valid_id};
+use crate::app::App;
+
+/// How often each host reconciles its local copies with the registry.
+const RECONCILE_EVERY: Duration = Duration::from_secs(30);
+/// A local copy younger than this is not removed for being unregistered
+/// (its registration may not have been applied here yet).
+const YOUNG: Duration = Duration::from_secs(600);
+
+impl Uploads {
+    /// The local copy of an upload, fetched from the store (and verified)
+    /// when this host has none.
+    pub async fn local_path(&self, app: &App, meta: &Meta) -> Result<PathBuf, UploadError> {
+        let path = self.files.join(&meta.id);
+        if self.usable(&path, meta) {
+            return Ok(path);
+        }
+        let lock = {
+            let mut map = self.fetching.lock().expect("not poisoned");
+            map.entry(meta.id.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let result = if self.usable(&path, meta) {
+            Ok(path.clone())
+        } else {
+            self.fetch(app, meta, &path).await
+        };
+        self.fetching.lock().expect("not poisoned").remove(&meta.id);
+        result
+    }
+
+    /// Whether a local copy exists with the right size (touching it for the
+    /// least-recently-used trimming).
+    fn usable(&self, path: &Path, meta: &Meta) -> bool {
+        let Ok(m) = std::fs::metadata(path) else {
+            return false;
+        };
+        if m.len() != meta.size {
+            return false;
+        }
+        let stale = m
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age > Duration::from_secs(60));
+        if stale && let Ok(f) = std::fs::File::options().append(true).open(path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        true
+    }
+
+    async fn fetch(&self, app: &App, meta: &Meta, path: &Path) -> Result<PathBuf, UploadError> {
+        let m = &app.metrics.uploads;
+        let started = Instant::now();
+        let mut last = None;
+        for attempt in 0..2 {
+            let tmp = self.tmp.join(format!("{}.{attempt}.get", meta.id));
+            match self.fetch_once(meta, &tmp).await {
+                Ok(true) => {
+                    tokio::fs::rename(&tmp, path).await?;
+                    m.fetched.inc();
+                    m.fetched_bytes.inc_by(meta.size);
+                    m.fetch_duration.observe(started.elapsed().as_secs_f64());
+                    return Ok(path.to_path_buf());
+                }
+                Ok(false) => {
+                    m.checksum_mismatches.inc();
+                    tracing::error!(id = %meta.id, attempt, "fetched upload does not match its sha256; not served");
+                    last = Some(UploadError::Checksum(meta.id.clone()));
+                }
+                Err(UploadError::Store(StoreError::NotFound { .. })) => {
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(UploadError::Missing(meta.id.clone()));
+                }
+                Err(e) => {
+                    if matches!(e, UploadError::Store(_)) {
+                        m.store_errors.with_label_values(&["get"]).inc();
+                    }
+                    let _ = tokio::fs::remove_file(&tmp).await;
+                    return Err(e);
+                }
+            }
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        Err(last.expect("two attempts failed"))
+    }
+
+    /// Fetches into `tmp`; answers whether size and sha256 match.
+    async fn fetch_once(&self, meta: &Meta, tmp: &Path) -> Result<bool, UploadError> {
+        let mut stream = self.store.get(&meta.id).await?;
+        let mut file = tokio::fs::File::create(tmp).await?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            if size > meta.size {
+                return Ok(false);
+            }
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        Ok(size == meta.size && hex(&hasher.finalize()) == meta.sha256)
+    }
+
+    pub(super) fn remove_local(&self, id: &str) {
+        if valid_id(id) {
+            let _ = std::fs::remove_file(self.files.join(id));
+        }
+    }
+
+    /// Brings the local copies in line with the registry: removes copies
+    /// of withdrawn uploads, trims to `uploads.local_cache_size` (least
+    /// recently used first), drops old receipts, and (with `mirror`) lists
+    /// what to prefetch.
+    fn reconcile(&self, app: &App) -> Vec<Meta> {
+        let m = &app.metrics.uploads;
+        let registered: std::collections::HashSet<String> = app
+            .cache
+            .list(UPLOADS_CACHE)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let mut copies = Vec::new();
+        let mut total = 0u64;
+        for e in std::fs::read_dir(&self.files)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Ok(md) = e.metadata() else { continue };
+            let modified = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let young = modified.elapsed().map(|a| a < YOUNG).unwrap_or(true);
+            if !valid_id(&name) || (!registered.contains(&name) && !young) {
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            total += md.len();
+            copies.push((modified, md.len(), name));
+        }
+        if total > self.config.local_cache_size {
+            copies.sort();
+            let mut keep = Vec::new();
+            for (t, len, name) in copies {
+                if total > self.config.local_cache_size {
+                    let _ = std::fs::remove_file(self.files.join(&name));
+                    total -= len;
+                    m.evicted.inc();
+                } else {
+                    keep.push((t, len, name));
+                }
+            }
+            copies = keep;
+        }
+        m.local_bytes.set(total as i64);
+        m.local_files.set(copies.len() as i64);
+        for e in std::fs::read_dir(&self.receipts)
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a > self.config.ttl);
+            if old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        if !self.config.mirror {
+            return Vec::new();
+        }
+        let have: std::collections::HashSet<&String> = copies.iter().map(|c| &c.2).collect();
+        registered
+            .iter()
+            .filter(|id| !have.contains(id))
+            .filter_map(|id| app.cache.read(UPLOADS_CACHE, id).ok().flatten())
+            .filter_map(|(v, _)| serde_json::from_slice::<Meta>(&v).ok())
+            .collect()
+    }
+
+    /// Fetches uploads ahead of reads (`uploads.mirror`), one at a time.
+    async fn prefetch(&self, app: &App, metas: Vec<Meta>) {
+        for meta in metas {
+            if meta.expired() {
+                continue;
+            }
+            if let Err(e) = self.local_path(app, &meta).await {
+                tracing::warn!(id = %meta.id, error = %e, "cannot mirror an upload");
+            }
+        }
+    }
+}
+
+/// The per-host uploads task: applies withdrawals to the local copies as
+/// they arrive through the log, reconciles periodically, mirrors.
+pub async fn run(app: Arc<App>, cancel: CancellationToken) {
+    let uploads = app.uploads.clone();
+    let mut next = Instant::now();
+    loop {
+        let mut fresh = Vec::new();
+        for event in uploads.events.take() {
+            match event {
+                Event::Withdrawn(id) => uploads.remove_local(&id),
+                Event::Registered(id) if uploads.config.mirror => fresh.push(id),
+                Event::Registered(_) => {}
+            }
+        }
+        if !fresh.is_empty() {
+            let mut metas = Vec::new();
+            for id in fresh {
+                if let Ok(Some(m)) = uploads.meta(&app, &id).await {
+                    metas.push(m);
+                }
+            }
+            uploads.prefetch(&app, metas).await;
+        }
+        if Instant::now() >= next {
+            let (a, u) = (app.clone(), uploads.clone());
+            let todo = tokio::task::spawn_blocking(move || u.reconcile(&a))
+                .await
+                .unwrap_or_default();
+            uploads.prefetch(&app, todo).await;
+            next = Instant::now() + RECONCILE_EVERY;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = uploads.events.wait() => {}
+            _ = tokio::time::sleep_until(next.into()) => {}
+        }
+    }
+}
