@@ -14,6 +14,10 @@ command -v python3 >/dev/null 2>&1 || want+=(python3)
 python3 -m venv --help >/dev/null 2>&1 || want+=(python3-venv)
 command -v node >/dev/null 2>&1 || want+=(nodejs)
 command -v chattr >/dev/null 2>&1 || want+=(e2fsprogs)
+# The staging cluster (scripts/demo-cluster.sh check) and the package test.
+command -v haproxy >/dev/null 2>&1 || want+=(haproxy)
+command -v curl >/dev/null 2>&1 || want+=(curl)
+command -v adduser >/dev/null 2>&1 || want+=(adduser)
 if [[ "${1:-}" == "--bench" ]]; then
     command -v wrk >/dev/null 2>&1 || want+=(wrk)
     command -v nginx >/dev/null 2>&1 || want+=(nginx-light)
@@ -53,6 +57,10 @@ export DEBIAN_FRONTEND=noninteractive
 # The Debian prometheus package starts a server; the tests only need promtool.
 if [[ " ${want[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1; then
     "${sudo[@]}" systemctl disable --now prometheus >/dev/null 2>&1 || true
+fi
+# The haproxy package starts one on :80 on some systems; the demo runs its own.
+if [[ " ${want[*]} " == *" haproxy "* ]] && command -v systemctl >/dev/null 2>&1; then
+    "${sudo[@]}" systemctl disable --now haproxy >/dev/null 2>&1 || true
 fi
 # nginx-light starts a default site on :80 on some systems; the benchmark runs its own.
 if [[ " ${want[*]} " == *" nginx-light "* ]] && command -v systemctl >/dev/null 2>&1; then

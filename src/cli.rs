@@ -152,8 +152,23 @@ fn error_text(reply: &Reply) -> String {
 pub async fn status(config: &Config, json: bool) -> anyhow::Result<String> {
     let me = request(config, "GET", "/v1/status").await?;
     let cluster = request(config, "GET", "/v1/cluster").await?;
+    let role = request(config, "GET", "/v1/role").await.ok();
+    let jobs = request(config, "GET", "/v1/jobs").await.ok();
+    let ok = |r: &Option<Reply>| {
+        r.as_ref()
+            .filter(|r| r.status == 200)
+            .map(|r| r.body.clone())
+            .unwrap_or(Value::Null)
+    };
+    let (role, jobs) = (ok(&role), ok(&jobs));
     if json {
-        let doc = serde_json::json!({"this_host": me.body, "cluster": cluster.body});
+        let doc = serde_json::json!({
+            "this_host": me.body,
+            "cluster": if cluster.status == 200 { cluster.body.clone() } else { Value::Null },
+            "role": role,
+            "jobs": jobs["jobs"],
+            "summary": summary(&me.body, &cluster.body, &role, &jobs),
+        });
         return Ok(serde_json::to_string_pretty(&doc)?);
     }
     let mut out = String::new();
@@ -176,10 +191,8 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<String> {
         return Ok(out);
     }
     let mut out = format_hosts(&cluster.body);
-    if let Ok(role) = request(config, "GET", "/v1/role").await
-        && role.status == 200
-    {
-        let r = &role.body;
+    if !role.is_null() {
+        let r = &role;
         let _ = writeln!(
             out,
             "\nleader: {} (fencing token {}); this host: {}{}",
@@ -193,7 +206,81 @@ pub async fn status(config: &Config, json: bool) -> anyhow::Result<String> {
             }
         );
     }
+    let sm = summary(&me.body, &cluster.body, &role, &jobs);
+    let list = |v: &Value| {
+        let names: Vec<String> = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_string))
+            .collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    let _ = writeln!(
+        out,
+        "jobs: {} configured; next: {}; failing: {}",
+        sm["jobs"]["configured"],
+        sm["jobs"]["next"].as_str().unwrap_or("none"),
+        list(&sm["jobs"]["failing"]),
+    );
+    let u = &sm["uploads"];
+    let _ = writeln!(
+        out,
+        "uploads: {} stored, {} in progress, {} to clean up; this host: {} watched files waiting, {} local copies ({} bytes)",
+        u["stored"],
+        u["in_progress"],
+        u["to_clean"],
+        u["watch_pending"],
+        u["local_files"],
+        u["local_bytes"],
+    );
     Ok(out)
+}
+
+/// The operator's summary: the leader, jobs due and failing, the uploads
+/// backlog, hosts not ready or lagging.
+fn summary(me: &Value, cluster: &Value, role: &Value, jobs: &Value) -> Value {
+    let all = jobs["jobs"].as_array().cloned().unwrap_or_default();
+    let failing: Vec<&str> = all
+        .iter()
+        .filter(|j| {
+            matches!(
+                j["last_run"]["state"].as_str(),
+                Some("failed" | "timed_out" | "abandoned")
+            )
+        })
+        .filter_map(|j| j["name"].as_str())
+        .collect();
+    let next = all
+        .iter()
+        .filter(|j| j["enabled"] != false)
+        .filter_map(|j| Some((j["next_run"].as_str()?, j["name"].as_str()?)))
+        .min()
+        .map(|(at, name)| format!("{name} at {at}"));
+    let hosts = cluster["hosts"].as_array().cloned().unwrap_or_default();
+    let not_ready: Vec<&str> = hosts
+        .iter()
+        .filter(|h| h["state"] != "stopped" && h["ready"] != true)
+        .filter_map(|h| h["id"].as_str())
+        .collect();
+    let u = &cluster["uploads"];
+    let mine = &me["uploads"];
+    serde_json::json!({
+        "leader": role["leader"],
+        "fencing_token": role["fencing_token"],
+        "hosts": hosts.len(),
+        "hosts_not_ready": not_ready,
+        "jobs": {"configured": all.len(), "next": next, "failing": failing},
+        "uploads": {
+            "stored": u["stored"], "in_progress": u["in_progress"], "to_clean": u["to_clean"],
+            "watch_pending": mine["watch_pending"], "local_files": mine["local_files"],
+            "local_bytes": mine["local_bytes"],
+        },
+    })
 }
 
 /// `tandem jobs`: every job with its schedule, next and last run.

@@ -23,12 +23,13 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
+use crate::app::{App, Parts};
 use crate::cache::CacheDir;
 use crate::config::Config;
 use crate::db::embedded::Embedded;
 use crate::db::migrate::{self, MigrateError};
 use crate::db::{self, Backoff, DbError};
+use crate::events::{self, Hub};
 use crate::http::{self, Listeners};
 use crate::metrics::Metrics;
 use crate::sched::{self, Scheduler};
@@ -127,19 +128,25 @@ async fn run_with_database(
         Uploads::open(&config.uploads, cache.upload_events().clone())
             .map_err(|e| anyhow::anyhow!("uploads ({}): {e}", config.uploads.store))?,
     );
-    let applier = Applier::start(cache.clone(), generation, state_file, feed);
+    let hub = Arc::new(Hub::new(
+        config.events.window,
+        config.events.buffer,
+        metrics.events.clone(),
+    ));
+    let applier = Applier::start(cache.clone(), generation, state_file, feed, hub.clone());
     metrics.cache_entries.set(applier.entries().await as i64);
     let sync = Arc::new(SyncShared::new());
     let shared_db = db::Shared::new(pg.clone(), config.database.connect_timeout, metrics.clone());
-    let app = Arc::new(App::new(
+    let app = Arc::new(App::new(Parts {
         config,
-        shared_db,
-        sync.clone(),
-        metrics.clone(),
+        db: shared_db,
+        sync: sync.clone(),
+        metrics: metrics.clone(),
         cache,
-        search.clone(),
+        search: search.clone(),
         uploads,
-    ));
+        events: hub.clone(),
+    }));
     let config = &app.config;
 
     let root = CancellationToken::new();
@@ -185,6 +192,8 @@ async fn run_with_database(
     tasks.spawn(readiness_loop(app.clone(), root.child_token()));
     tasks.spawn(uploads::run(app.clone(), root.child_token()));
     tasks.spawn(uploads::watch::run(app.clone(), root.child_token()));
+    tasks.spawn(events::webhook::run(app.clone(), root.child_token()));
+    tasks.spawn(crate::reload::on_hangup(app.clone(), root.child_token()));
     let sched_stop = CancellationToken::new();
     let mut sched_task = tokio::spawn(Scheduler::new(app.clone()).run(sched_stop.clone()));
 
@@ -254,6 +263,8 @@ async fn run_with_database(
         tracing::warn!("background tasks did not stop within 3s");
         tasks.abort_all();
     }
+    // Event streams end, so that their connections close.
+    app.events.close();
     http_stop.cancel();
     match tokio::time::timeout(Duration::from_secs(5), &mut http_task).await {
         Ok(_) => {}

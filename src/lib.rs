@@ -19,8 +19,10 @@
 //! - [`search`]: local full-text indexes (tantivy) fed by the applier.
 //! - [`uploads`]: shared uploads through an object store (HTTP and a
 //!   watched directory), fetched on demand, expired by a cluster job.
+//! - [`events`]: the event stream of applied changes (SSE and a webhook).
 //! - [`http`]: the localhost API (routes, errors, metrics middleware).
 //! - [`metrics`]: the Prometheus registry.
+//! - [`reload`]: `SIGHUP` reloads jobs, the log level and the API token.
 //! - [`cli`]: `check-config`, `migrate`, `status`, `resync`.
 //! - [`systemd`]: readiness and watchdog notifications.
 
@@ -32,8 +34,10 @@ pub mod config;
 pub mod coord;
 pub mod daemon;
 pub mod db;
+pub mod events;
 pub mod http;
 pub mod metrics;
+pub mod reload;
 pub mod sched;
 pub mod search;
 pub mod sync;

@@ -112,19 +112,32 @@ fn load(arg: &ConfigArg) -> Result<Config, ExitCode> {
     }
 }
 
+/// Logs to stderr: JSON with `log.format = "json"`; plain lines without
+/// timestamps under journald (which adds its own); the level from
+/// `RUST_LOG`, else `log.level` (reloadable with `SIGHUP`).
 fn init_tracing(config: &Config) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
+    macro_rules! install {
+        ($b:expr) => {{
+            let b = $b.with_env_filter(filter).with_filter_reloading();
+            let handle = b.reload_handle();
+            b.init();
+            tandem::reload::set_log_level_setter(Box::new(move |level: &str| {
+                let f = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+                handle.reload(f).map_err(|e| e.to_string())
+            }));
+        }};
+    }
     match config.log.format {
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Json => install!(builder.json()),
         LogFormat::Text if std::env::var_os("JOURNAL_STREAM").is_some() => {
-            builder.without_time().with_ansi(false).init();
+            install!(builder.without_time().with_ansi(false))
         }
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => install!(builder),
     }
 }
 

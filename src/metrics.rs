@@ -37,6 +37,7 @@ pub struct Metrics {
     pub coord: crate::coord::metrics::CoordMetrics,
     pub search: crate::search::metrics::SearchMetrics,
     pub uploads: crate::uploads::metrics::UploadMetrics,
+    pub events: crate::events::metrics::EventMetrics,
 }
 
 pub(crate) fn counter_vec(
@@ -270,6 +271,7 @@ impl Metrics {
             coord: crate::coord::metrics::CoordMetrics::new(&registry),
             search: crate::search::metrics::SearchMetrics::new(&registry),
             uploads: crate::uploads::metrics::UploadMetrics::new(&registry),
+            events: crate::events::metrics::EventMetrics::new(&registry),
             registry,
         };
         for op in ["put", "delete", "clear"] {

@@ -99,7 +99,7 @@ async fn migrate_and_status() {
     let out = tandem(&["migrate", "--config", "/dev/null"], &env);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("migrated from version 0 to 3"),
+        text(&out.stdout).contains("migrated from version 0 to 4"),
         "{}",
         text(&out.stdout)
     );
@@ -144,10 +144,42 @@ async fn migrate_and_status() {
     ] {
         assert!(header.contains(col), "{header}");
     }
+    common::eventually(
+        "both hosts ready in the registry",
+        std::time::Duration::from_secs(10),
+        || async {
+            let out = tandem(&["status", "--json", "--config", "/dev/null"], &env);
+            let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            doc["summary"]["hosts_not_ready"] == serde_json::json!([])
+        },
+    )
+    .await;
     let out = tandem(&["status", "--json", "--config", "/dev/null"], &env);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["cluster"]["hosts"].as_array().unwrap().len(), 2);
     assert_eq!(doc["this_host"]["host"], "web-a");
+    // The operator's summary: leader and token, jobs, uploads backlog.
+    let sm = &doc["summary"];
+    assert!(
+        sm["leader"].as_str().is_some_and(|l| l.starts_with("web-")),
+        "{sm}"
+    );
+    assert!(sm["fencing_token"].as_i64().unwrap() >= 1, "{sm}");
+    assert_eq!(sm["hosts"], 2);
+    assert_eq!(sm["hosts_not_ready"].as_array().unwrap().len(), 0);
+    assert!(sm["jobs"]["configured"].as_u64().unwrap() >= 3, "{sm}");
+    assert!(
+        sm["jobs"]["next"].as_str().unwrap().starts_with("tandem."),
+        "{sm}"
+    );
+    assert_eq!(sm["uploads"]["stored"], 0);
+    assert_eq!(sm["uploads"]["watch_pending"], 0);
+    assert!(doc["jobs"].as_array().unwrap().len() >= 3);
+    let table = text(&tandem(&["status", "--config", "/dev/null"], &env).stdout);
+    assert!(table.contains("leader: web-"), "{table}");
+    assert!(table.contains("jobs: "), "{table}");
+    assert!(table.contains("failing: none"), "{table}");
+    assert!(table.contains("uploads: 0 stored"), "{table}");
 
     // Without a daemon the command says so.
     let out = tandem(

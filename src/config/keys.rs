@@ -149,6 +149,12 @@ pub const KEYS: &[Key] = &[
         "none: AWS_SECRET_ACCESS_KEY",
     ),
     key("uploads", "allow_http", Kind::Bool, "false"),
+    key("events", "window", Kind::Int, "10000"),
+    key("events", "buffer", Kind::Int, "4096"),
+    key("events", "heartbeat", Kind::Str, "15s"),
+    key("events", "webhook_url", Kind::Str, "none"),
+    key("events", "webhook_batch", Kind::Int, "500"),
+    key("events", "webhook_timeout", Kind::Str, "5s"),
     key("log", "level", Kind::Str, "info"),
     key("log", "format", Kind::Str, "text"),
 ];

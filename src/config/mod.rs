@@ -5,6 +5,7 @@
 //! The environment is passed in as a map so that tests never touch the
 //! process environment.
 
+pub mod events;
 pub mod jobs;
 pub mod keys;
 mod raw;
@@ -106,6 +107,7 @@ pub struct Config {
     pub jobs: Vec<jobs::JobSpec>,
     pub search: search::SearchConfig,
     pub uploads: uploads::UploadsConfig,
+    pub events: events::EventsConfig,
     /// Where the config came from (for messages).
     pub source: Option<PathBuf>,
 }
@@ -463,6 +465,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
     }
     let search = search::validate(raw.search)?;
     let uploads = uploads::validate(raw.uploads, &data_dir)?;
+    let events = events::validate(raw.events)?;
     let jobs = jobs::parse(&raw.jobs, sync.prune_interval, uploads.expire_every)?;
 
     let l = raw.log;
@@ -498,6 +501,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         jobs,
         search,
         uploads,
+        events,
         source: None,
     })
 }

@@ -27,6 +27,7 @@ pub(super) struct Raw {
     pub(super) jobs: Vec<toml::Table>,
     pub(super) search: RawSearch,
     pub(super) uploads: RawUploads,
+    pub(super) events: RawEvents,
 }
 
 #[derive(Deserialize, Default)]
@@ -45,6 +46,17 @@ pub(super) struct RawUploads {
     pub(super) access_key_id: Option<String>,
     pub(super) secret_access_key_file: Option<PathBuf>,
     pub(super) allow_http: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawEvents {
+    pub(super) window: Option<i64>,
+    pub(super) buffer: Option<i64>,
+    pub(super) heartbeat: Option<String>,
+    pub(super) webhook_url: Option<String>,
+    pub(super) webhook_batch: Option<i64>,
+    pub(super) webhook_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("migrations/0002_coordination.sql"),
     ),
     (3, "uploads", include_str!("migrations/0003_uploads.sql")),
+    (4, "events", include_str!("migrations/0004_events.sql")),
 ];
 
 /// The newest schema version this binary knows.

@@ -37,6 +37,7 @@ pub struct Queries {
     pub upload_forget: String,
     pub upload_expire: String,
     pub upload_get: String,
+    pub upload_backlog: String,
     pub upload_list: String,
     pub claim_run: String,
     pub finish_run: String,
@@ -133,6 +134,10 @@ impl Queries {
                 "SELECT id, state, multipart_id, expired FROM {schema}.upload_expire(\
                  make_interval(secs => $1::float8), $2::int, $3::int, $4::text)",
             ),
+            upload_backlog: r("SELECT count(*) FILTER (WHERE state = 'pending'), \
+                        count(*) FILTER (WHERE state IN ('deleting', 'abandoned')), \
+                        count(*) FILTER (WHERE state = 'stored') \
+                   FROM {schema}.uploads"),
             upload_get: r(
                 "SELECT {schema}.upload_meta(u)::text FROM {schema}.uploads u \
                  WHERE id = $1::text AND state = 'stored' AND expires_at > now()",

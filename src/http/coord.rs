@@ -65,11 +65,11 @@ pub async fn role(State(app): State<Arc<App>>) -> Response {
     Json(app.leadership.view()).into_response()
 }
 
-fn find_job<'a>(app: &'a App, name: &str) -> Result<&'a JobSpec, ApiError> {
-    app.config
-        .jobs
+fn find_job(app: &App, name: &str) -> Result<JobSpec, ApiError> {
+    app.jobs()
         .iter()
         .find(|j| j.name == name)
+        .cloned()
         .ok_or_else(|| ApiError::not_found(format!("no job named {name:?} in the config")))
 }
 
@@ -113,7 +113,7 @@ pub async fn run_now(
             format!("job {name:?} is disabled in the config"),
         ));
     }
-    match sched::api::run_now(&app, job).await? {
+    match sched::api::run_now(&app, &job).await? {
         Some((id, at)) => Ok((
             StatusCode::ACCEPTED,
             Json(json!({

@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod coord;
 pub mod error;
+pub mod events;
 pub mod node;
 pub mod search;
 pub mod uploads;
@@ -63,6 +64,7 @@ pub fn router(app: Arc<App>) -> Router {
                 .delete(uploads::delete),
         )
         .route("/v1/uploads/{id}/path", get(uploads::path))
+        .route("/v1/events", get(events::events))
         .route("/healthz", get(node::healthz))
         .route("/readyz", get(node::readyz))
         .route("/metrics", get(node::metrics))

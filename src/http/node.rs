@@ -61,6 +61,11 @@ pub async fn status(State(app): State<Arc<App>>) -> Response {
             "entries": app.metrics.cache_entries.get(),
         },
         "oldest_transaction_age_seconds": app.metrics.oldest_xact_age.get(),
+        "uploads": {
+            "watch_pending": app.metrics.uploads.watch_pending.get(),
+            "local_files": app.metrics.uploads.local_files.get(),
+            "local_bytes": app.metrics.uploads.local_bytes.get(),
+        },
     }))
     .into_response()
 }
@@ -68,7 +73,16 @@ pub async fn status(State(app): State<Arc<App>>) -> Response {
 /// `GET /v1/cluster`: every registered host.
 pub async fn cluster(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
     let hosts = cluster::hosts(&app).await?;
-    Ok(Json(json!({"this_host": app.config.host_id, "hosts": hosts})).into_response())
+    let row = app.db.query_one(&app.queries.upload_backlog, &[]).await?;
+    let uploads = json!({
+        "in_progress": row.get::<_, i64>(0),
+        "to_clean": row.get::<_, i64>(1),
+        "stored": row.get::<_, i64>(2),
+    });
+    Ok(
+        Json(json!({"this_host": app.config.host_id, "hosts": hosts, "uploads": uploads}))
+            .into_response(),
+    )
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -216,6 +216,33 @@ fn parse_range(value: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, ()>
     Ok(Some(range))
 }
 
+/// Bodies up to this size are read in one go; larger ones are streamed.
+const READ_WHOLE: u64 = 2 << 20;
+
+/// `len` bytes of a local copy from `start`.
+async fn read_local(path: std::path::PathBuf, start: u64, len: u64) -> std::io::Result<Body> {
+    if len <= READ_WHOLE {
+        // One trip to the blocking pool instead of one per chunk.
+        let bytes = tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Seek};
+            let mut f = std::fs::File::open(&path)?;
+            f.seek(std::io::SeekFrom::Start(start))?;
+            let mut buf = vec![0u8; len as usize];
+            f.read_exact(&mut buf)?;
+            Ok::<_, std::io::Error>(buf)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        return Ok(Body::from(bytes));
+    }
+    let mut file = tokio::fs::File::open(&path).await?;
+    if start > 0 {
+        file.seek(std::io::SeekFrom::Start(start)).await?;
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
+    Ok(Body::from_stream(stream))
+}
+
 /// `GET /v1/uploads/{id}`: the bytes, from the local copy (fetched from the
 /// store and verified first if this host has none). Honours one Range.
 pub async fn get(
@@ -244,20 +271,14 @@ pub async fn get(
         }
     };
     let path = app.uploads.local_path(&app, &meta).await?;
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot open the local copy: {e}")))?;
     let (status, start, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, meta.size),
     };
-    if start > 0 {
-        file.seek(std::io::SeekFrom::Start(start))
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot read the local copy: {e}")))?;
-    }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 << 10);
-    let mut response = (status, Body::from_stream(stream)).into_response();
+    let body = read_local(path, start, len)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot read the local copy: {e}")))?;
+    let mut response = (status, body).into_response();
     let h = response.headers_mut();
     meta_headers(&meta, h);
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));

@@ -73,7 +73,7 @@ pub fn parse_timeout(text: Option<&str>, app: &App) -> Result<Duration, ApiError
 
 /// Requires the bearer token (when one is configured) for writes.
 pub fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &app.config.api.token else {
+    let Some(token) = app.token() else {
         return Ok(());
     };
     let given = headers

@@ -87,14 +87,13 @@ fn target(job: &JobSpec) -> Option<String> {
 
 /// Every configured job.
 pub async fn jobs(app: &App) -> Result<Vec<JobView>, DbError> {
-    let names: Vec<String> = app.config.jobs.iter().map(|j| j.name.clone()).collect();
+    let all = app.jobs();
+    let names: Vec<String> = all.iter().map(|j| j.name.clone()).collect();
     app.metrics.db_queries.with_label_values(&["jobs"]).inc();
     let rows = app.db.query(&app.queries.job_summary, &[&names]).await?;
     let last: Vec<RunView> = rows.iter().map(RunView::from_row).collect();
     let now = app.leadership.now_db();
-    Ok(app
-        .config
-        .jobs
+    Ok(all
         .iter()
         .map(|j| {
             let last_run = last.iter().find(|r| r.job == j.name).cloned();

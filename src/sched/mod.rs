@@ -122,6 +122,21 @@ fn latest_due(
     latest.map(|l| (l, count))
 }
 
+/// The enabled jobs as last loaded (registered in the metrics).
+fn enabled_jobs(app: &App) -> Vec<Arc<JobSpec>> {
+    let jobs: Vec<Arc<JobSpec>> = app
+        .jobs()
+        .iter()
+        .filter(|j| j.enabled)
+        .cloned()
+        .map(Arc::new)
+        .collect();
+    app.metrics
+        .coord
+        .register_jobs(jobs.iter().map(|j| j.name.as_str()));
+    jobs
+}
+
 /// One run to claim and execute.
 #[derive(Debug, Clone)]
 struct Planned {
@@ -146,17 +161,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(app: Arc<App>) -> Self {
-        let jobs: Vec<Arc<JobSpec>> = app
-            .config
-            .jobs
-            .iter()
-            .filter(|j| j.enabled)
-            .cloned()
-            .map(Arc::new)
-            .collect();
-        app.metrics
-            .coord
-            .register_jobs(jobs.iter().map(|j| j.name.as_str()));
+        let jobs = enabled_jobs(&app);
         let http = reqwest::Client::builder()
             .no_proxy()
             .user_agent(concat!("tandem/", env!("CARGO_PKG_VERSION")))
@@ -188,6 +193,7 @@ impl Scheduler {
             }
         }
         let mut term = *term_rx.borrow_and_update();
+        let mut reloaded = self.app.jobs_reloaded.subscribe();
         self.init_cursors(|_| true).await;
         let mut check_queue = true;
         let mut last_queue_check = Instant::now();
@@ -230,6 +236,7 @@ impl Scheduler {
                 }
                 Some(_) = self.runs.join_next(), if !self.runs.is_empty() => {}
                 Some(p) = self.retry_rx.recv() => self.spawn(p),
+                Ok(()) = reloaded.changed() => self.reload().await,
             }
         }
         if !self.runs.is_empty() {
@@ -243,6 +250,30 @@ impl Scheduler {
                 self.runs.abort_all();
             }
         }
+    }
+
+    /// Takes the reloaded jobs: runs under way go on; a new or changed job
+    /// is planned from its claimed history, as at start.
+    async fn reload(&mut self) {
+        let old: HashMap<String, Arc<JobSpec>> = self
+            .jobs
+            .iter()
+            .map(|j| (j.name.clone(), j.clone()))
+            .collect();
+        self.jobs = enabled_jobs(&self.app);
+        let fresh: Vec<String> = self
+            .jobs
+            .iter()
+            .filter(|j| {
+                old.get(&j.name)
+                    .is_none_or(|o| format!("{o:?}") != format!("{j:?}"))
+            })
+            .map(|j| j.name.clone())
+            .collect();
+        let names: Vec<&str> = self.jobs.iter().map(|j| j.name.as_str()).collect();
+        self.cursors.retain(|n, _| names.contains(&n.as_str()));
+        self.init_cursors(|j| fresh.contains(&j.name)).await;
+        tracing::info!(jobs = self.jobs.len(), new_or_changed = ?fresh, "jobs reloaded");
     }
 
     /// Sets where each matching job's schedule resumes: from the latest

@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,6 +19,7 @@ use super::position::{LocalState, StateFile};
 use super::record::Recorder;
 use crate::cache::versions::VERSIONS_CACHE;
 use crate::cache::{CacheDir, Generation};
+use crate::events::{Hub, Pending};
 use crate::search::{Feed, Mark};
 use crate::uploads::UPLOADS_CACHE;
 use crate::uploads::events::Event;
@@ -91,6 +93,8 @@ fn apply_one(l: &mut Local, change: Change) {
             match l.current.put(&cache, &key, &value, &content_type) {
                 Ok(()) => {
                     l.applied.puts += 1;
+                    l.events
+                        .extend(Pending::for_key(&cache, &key, Some(&value)));
                     if cache == VERSIONS_CACHE {
                         l.dir.versions().set(&key, &value);
                     } else if cache == UPLOADS_CACHE {
@@ -106,6 +110,7 @@ fn apply_one(l: &mut Local, change: Change) {
         Change::Delete { cache, key } => match l.current.delete(&cache, &key) {
             Ok(()) => {
                 l.applied.deletes += 1;
+                l.events.extend(Pending::for_key(&cache, &key, None));
                 if cache == VERSIONS_CACHE {
                     l.dir.versions().remove(&key);
                 } else if cache == UPLOADS_CACHE {
@@ -116,6 +121,7 @@ fn apply_one(l: &mut Local, change: Change) {
             Err(e) => l.fail(|| format!("cannot delete {cache}/{key}"), e),
         },
         Change::Clear { cache } => {
+            l.events.extend(Pending::cleared(&cache));
             l.feed.clear(&cache);
             l.keep.entry(cache).or_default();
             l.applied.clears += 1;
@@ -137,6 +143,9 @@ struct Local {
     entries: u64,
     /// The search indexes' share of each batch.
     feed: Feed,
+    /// The event stream, and this batch's events (published at commit).
+    hub: Arc<Hub>,
+    events: Vec<Pending>,
 }
 
 impl Local {
@@ -171,7 +180,13 @@ pub struct Applier {
 impl Applier {
     /// Starts the thread, owning the cache directory's current generation.
     /// Committed batches are also handed to the search indexes (`feed`).
-    pub fn start(dir: CacheDir, current: Generation, state_file: StateFile, feed: Feed) -> Self {
+    pub fn start(
+        dir: CacheDir,
+        current: Generation,
+        state_file: StateFile,
+        feed: Feed,
+        hub: Arc<Hub>,
+    ) -> Self {
         let (jobs, mut rx) = mpsc::channel::<Job>(256);
         let mut local = Local {
             dir,
@@ -183,6 +198,8 @@ impl Applier {
             failed: None,
             entries: 0,
             feed,
+            hub,
+            events: Vec::new(),
         };
         std::thread::Builder::new()
             .name("tandem-applier".into())
@@ -289,6 +306,7 @@ impl Applier {
             l.keep.clear();
             l.failed = None;
             l.applied = Applied::default();
+            l.events.clear();
             l.feed.abort();
             l.current.discard_staged();
             let delta = l.current.take_entry_delta();
@@ -384,6 +402,8 @@ impl Applier {
             l.dir.sync_link_parent();
             l.dir.versions().reload(l.current.root());
             l.feed.rebuild_all("cold_boot", Mark::of(&state));
+            l.events.clear();
+            l.hub.resync_all("cold_boot");
             l.recorder
                 .submit_and_wait(BTreeSet::new(), Some(state), true);
             l.dir.remove_others(l.current.name());
@@ -431,12 +451,16 @@ fn commit_now(
     {
         l.fail(|| "cannot write the cache directory".to_string(), e);
     }
+    let events = std::mem::take(&mut l.events);
     if l.failed.is_some() {
         l.current.discard_staged();
         l.feed.abort();
     } else {
-        // The batch's files are visible: the indexes may have it.
+        // The batch's files are visible: the indexes and the event stream
+        // may have it.
         l.feed.commit(state.as_ref().map(Mark::of));
+        let position = state.as_ref().map(|s| s.position.done.to_string());
+        l.hub.publish(events, position.as_deref());
     }
     let dirs = l.current.take_dirty_dirs();
     let state = if l.failed.is_none() { state } else { None };

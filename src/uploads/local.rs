@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::events::Event;
+use super::sink::{HashingFile, copy_hashing};
 use super::store::StoreError;
-use super::{Meta, UPLOADS_CACHE, UploadError, Uploads, hex, valid_id};
+use super::{Meta, UPLOADS_CACHE, UploadError, Uploads, valid_id};
 use crate::app::App;
 
 /// How often each host reconciles its local copies with the registry.
@@ -29,7 +28,7 @@ impl Uploads {
     /// when this host has none.
     pub async fn local_path(&self, app: &App, meta: &Meta) -> Result<PathBuf, UploadError> {
         let path = self.files.join(&meta.id);
-        if self.usable(&path, meta) {
+        if self.is_verified(&meta.id) && self.usable(&path, meta) {
             return Ok(path);
         }
         let lock = {
@@ -37,13 +36,44 @@ impl Uploads {
             map.entry(meta.id.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
-        let result = if self.usable(&path, meta) {
+        let result = if self.usable(&path, meta) && self.check(meta, &path).await {
             Ok(path.clone())
         } else {
             self.fetch(app, meta, &path).await
         };
         self.fetching.lock().expect("not poisoned").remove(&meta.id);
         result
+    }
+
+    pub(super) fn is_verified(&self, id: &str) -> bool {
+        self.verified.lock().expect("not poisoned").contains(id)
+    }
+
+    pub(super) fn mark_verified(&self, id: &str) {
+        self.verified
+            .lock()
+            .expect("not poisoned")
+            .insert(id.to_string());
+    }
+
+    /// Whether a copy this process has not checked yet (one found on disk
+    /// at start) matches its sha256; a copy that does not is removed.
+    async fn check(&self, meta: &Meta, path: &Path) -> bool {
+        if self.is_verified(&meta.id) {
+            return true;
+        }
+        let (p, id) = (path.to_path_buf(), meta.id.clone());
+        let sha = tokio::task::spawn_blocking(move || super::sink::sha256_of(&p))
+            .await
+            .ok()
+            .and_then(Result::ok);
+        if sha.as_deref() == Some(meta.sha256.as_str()) {
+            self.mark_verified(&meta.id);
+            return true;
+        }
+        tracing::warn!(id = %id, "a local copy does not match its sha256 (torn by a crash, or changed on disk); fetching it again");
+        let _ = std::fs::remove_file(path);
+        false
     }
 
     /// Whether a local copy exists with the right size (touching it for the
@@ -75,6 +105,7 @@ impl Uploads {
             match self.fetch_once(meta, &tmp).await {
                 Ok(true) => {
                     tokio::fs::rename(&tmp, path).await?;
+                    self.mark_verified(&meta.id);
                     m.fetched.inc();
                     m.fetched_bytes.inc_by(meta.size);
                     m.fetch_duration.observe(started.elapsed().as_secs_f64());
@@ -85,7 +116,7 @@ impl Uploads {
                     tracing::error!(id = %meta.id, attempt, "fetched upload does not match its sha256; not served");
                     last = Some(UploadError::Checksum(meta.id.clone()));
                 }
-                Err(UploadError::Store(StoreError::NotFound { .. })) => {
+                Err(UploadError::Store(StoreError::NotFound { .. }) | UploadError::Missing(_)) => {
                     let _ = tokio::fs::remove_file(&tmp).await;
                     return Err(UploadError::Missing(meta.id.clone()));
                 }
@@ -104,26 +135,33 @@ impl Uploads {
 
     /// Fetches into `tmp`; answers whether size and sha256 match.
     async fn fetch_once(&self, meta: &Meta, tmp: &Path) -> Result<bool, UploadError> {
+        if let Some(src) = self.store.file_path(&meta.id) {
+            // A directory store: one blocking copy with large reads.
+            return match copy_hashing(src, tmp.to_path_buf()).await {
+                Ok((size, sha)) => Ok(size == meta.size && sha == meta.sha256),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    Err(UploadError::Missing(meta.id.clone()))
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
         let mut stream = self.store.get(&meta.id).await?;
-        let mut file = tokio::fs::File::create(tmp).await?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
+        let mut file = HashingFile::create(tmp).await?;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
-            size += chunk.len() as u64;
-            if size > meta.size {
+            if file.size + chunk.len() as u64 > meta.size {
                 return Ok(false);
             }
-            hasher.update(&chunk);
-            file.write_all(&chunk).await?;
+            file.push(chunk).await?;
         }
-        file.flush().await?;
-        Ok(size == meta.size && hex(&hasher.finalize()) == meta.sha256)
+        let (size, sha) = file.finish().await?;
+        Ok(size == meta.size && sha == meta.sha256)
     }
 
     pub(super) fn remove_local(&self, id: &str) {
         if valid_id(id) {
             let _ = std::fs::remove_file(self.files.join(id));
+            self.verified.lock().expect("not poisoned").remove(id);
         }
     }
 

@@ -19,6 +19,7 @@
 pub mod events;
 mod local;
 pub mod metrics;
+mod sink;
 pub mod store;
 pub mod watch;
 
@@ -34,12 +35,12 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 
 use crate::app::App;
 use crate::config::uploads::UploadsConfig;
 use crate::db::DbError;
 use events::Events;
+use sink::HashingFile;
 use store::{Chunker, Part, Store, StoreError};
 
 /// The reserved cache holding the registrations (unreachable through the
@@ -107,6 +108,10 @@ pub struct Uploads {
     pub(crate) rejected: PathBuf,
     /// One fetch per upload at a time.
     fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Local copies written or checked against their sha256 by this
+    /// process. Copies are not fsynced: one found on disk at start (a power
+    /// loss may have torn it) is checked again before it is served.
+    verified: Mutex<std::collections::HashSet<String>>,
     pub events: Arc<Events>,
 }
 
@@ -173,6 +178,7 @@ impl Uploads {
             receipts: d.join("receipts"),
             rejected: d.join("rejected"),
             fetching: Mutex::default(),
+            verified: Mutex::default(),
             events,
         };
         for dir in [&u.files, &u.tmp, &u.incoming, &u.receipts, &u.rejected] {
@@ -209,7 +215,7 @@ impl Uploads {
     }
 
     /// Streams `body` into the store (and a local copy), hashing it; the
-    /// upload is recorded as pending first, so that a crash leaves nothing
+    /// upload is recorded as pending before any byte is stored, so that a crash leaves nothing
     /// the expiry job does not remove. Nothing is visible until
     /// [`Uploads::register`]. On failure everything is undone.
     pub async fn store_body<S, E>(
@@ -225,20 +231,15 @@ impl Uploads {
         E: std::fmt::Display,
     {
         let id = new_id();
-        app.db
-            .query(
-                &app.queries.upload_begin,
-                &[
-                    &id,
-                    &name,
-                    &content_type,
-                    &app.config.host_id,
-                    &ttl.as_secs_f64(),
-                ],
-            )
-            .await?;
+        let ttl = ttl.as_secs_f64();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&id, &name, &content_type, &app.config.host_id, &ttl];
+        let begin = async {
+            app.db.query(&app.queries.upload_begin, &params).await?;
+            Ok::<_, UploadError>(())
+        };
         let local = self.tmp.join(format!("{id}.up"));
-        let result = self.stream_to_store(app, &id, &local, body).await;
+        let result = self.stream_to_store(app, &id, &local, begin, body).await;
         match result {
             Ok((size, sha256)) => Ok(Stored {
                 id,
@@ -273,6 +274,7 @@ impl Uploads {
         app: &App,
         id: &str,
         local: &Path,
+        begin: impl Future<Output = Result<(), UploadError>>,
         body: S,
     ) -> Result<(u64, String), UploadError>
     where
@@ -280,27 +282,47 @@ impl Uploads {
         E: std::fmt::Display,
     {
         let max = self.config.max_size;
-        let mut chunks = Chunker::new(body.map(|r| r.map_err(|e| e.to_string())));
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let mut copy = tokio::fs::File::create(local).await?;
-        let mut take = |part: &Part, hasher: &mut Sha256| {
-            size += part.len as u64;
-            for c in &part.chunks {
-                hasher.update(c);
+        // The bytes are hashed as they arrive until the first part is
+        // complete (overlapping the pending row's round trip); the local
+        // copy hashes the rest off the runtime.
+        let early: Arc<Mutex<Option<(Sha256, u64)>>> =
+            Arc::new(Mutex::new(Some((Sha256::new(), 0))));
+        let feed = early.clone();
+        let body = body.map(move |r| {
+            if let Ok(c) = &r
+                && let Some((h, n)) = feed.lock().expect("not poisoned").as_mut()
+            {
+                h.update(c);
+                *n += c.len() as u64;
             }
+            r.map_err(|e| e.to_string())
+        });
+        let mut chunks = Chunker::new(body);
+        let too_large = |size: u64| {
             if size > max {
                 Err(UploadError::TooLarge { max })
             } else {
-                Ok(size)
+                Ok(())
             }
         };
-        let (first, last) = match chunks.next_part().await.map_err(UploadError::Body)? {
+        // The pending row is written while the first part arrives; it is
+        // there before any byte reaches the store.
+        let (first, began) = tokio::join!(chunks.next_part(), begin);
+        began?;
+        let (first, last) = match first.map_err(UploadError::Body)? {
             Some(p) => p,
             None => (Part::default(), true),
         };
-        let mut total = take(&first, &mut hasher)?;
-        write_part(&mut copy, &first).await?;
+        too_large(first.len as u64)?;
+        let (hasher, hashed) = early
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .expect("taken once");
+        let mut copy = HashingFile::resume(local, hasher, hashed).await?;
+        for c in &first.chunks {
+            copy.push(c.clone()).await?;
+        }
         let db = &app.db;
         let sql = &app.queries.upload_multipart;
         let record = |upload_id: String| async move {
@@ -312,12 +334,15 @@ impl Uploads {
                     source: Box::new(e),
                 })
         };
+        // The store writes each part while the local copy hashes it.
         let mut writer = self.store.begin(id, first.payload(), last, record).await?;
         let outcome: Result<(), UploadError> = async {
             while let Some((part, _)) = chunks.next_part().await.map_err(UploadError::Body)? {
-                total = take(&part, &mut hasher)?;
-                write_part(&mut copy, &part).await?;
+                too_large(copy.size + part.len as u64)?;
                 writer.part(part.payload()).await?;
+                for c in part.chunks {
+                    copy.push(c).await?;
+                }
             }
             Ok(())
         }
@@ -327,8 +352,7 @@ impl Uploads {
             return Err(e);
         }
         writer.finish().await?;
-        copy.flush().await?;
-        Ok((total, hex(&hasher.finalize())))
+        Ok(copy.finish().await?)
     }
 
     /// Makes a stored upload visible everywhere and keeps its local copy;
@@ -382,8 +406,11 @@ impl Uploads {
 
     /// Moves the copy made while storing into the local copies.
     fn keep_local(&self, stored: &Stored) {
-        if let Err(e) = std::fs::rename(&stored.local, self.files.join(&stored.id)) {
-            tracing::warn!(id = %stored.id, error = %e, "cannot keep the local copy of an upload");
+        match std::fs::rename(&stored.local, self.files.join(&stored.id)) {
+            Ok(()) => self.mark_verified(&stored.id),
+            Err(e) => {
+                tracing::warn!(id = %stored.id, error = %e, "cannot keep the local copy of an upload")
+            }
         }
     }
 
@@ -464,13 +491,6 @@ impl Uploads {
             Ok(summary)
         }
     }
-}
-
-async fn write_part(file: &mut tokio::fs::File, part: &Part) -> io::Result<()> {
-    for c in &part.chunks {
-        file.write_all(c).await?;
-    }
-    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -151,6 +151,11 @@ impl Store {
         self.prefix.clone().join(id)
     }
 
+    /// The file holding an object, for a directory store.
+    pub fn file_path(&self, id: &str) -> Option<PathBuf> {
+        self.root.as_ref().map(|r| r.join(id))
+    }
+
     /// Whether multipart uploads get an id to record (cloud stores).
     pub fn records_multipart(&self) -> bool {
         self.multipart.is_some()
