@@ -4,7 +4,7 @@
 # checks the unit's hardening, then removes and purges it and checks that
 # nothing is left behind.
 #
-#     packaging/test-deb.sh          (CI runs it after the tests)
+#     packaging/test-deb.sh          (CI runs it after the tests, with DEB_PROFILE=dev)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +27,9 @@ named_tandem() {
 }
 named_before=$(named_tandem)
 
-packaging/build-deb.sh
+# DEB_PROFILE=dev packages the debug binary (scripts/test does, to spare a
+# release build); the default is the release build.
+packaging/build-deb.sh ${DEB_PROFILE:+--profile "$DEB_PROFILE"}
 deb=$(ls -1t target/debian/tandem_*.deb | head -1)
 echo "== package: $deb"
 dpkg-deb --info "$deb" | sed -n '1,40p'

@@ -257,6 +257,24 @@ async fn app_transactions_write_through_sql_functions() {
     )
     .await
     .unwrap();
+    // A key named twice takes the per-operation path, in order: put then
+    // delete leaves nothing, delete then put leaves the value.
+    app.batch_execute(
+        "SELECT tandem.batch(ARRAY['put','delete','delete','put'], ARRAY['d','d','d','d'], \
+         ARRAY['gone','gone','kept','kept'], ARRAY['1','','','2']::bytea[], ARRAY[NULL,NULL,NULL,NULL])",
+    )
+    .await
+    .unwrap();
+    // One invalid operation among distinct keys: the precise error, nothing written.
+    let e = app
+        .batch_execute(
+            "SELECT tandem.batch(ARRAY['put','put'], ARRAY['d','Bad Cache'], ARRAY['x','y'], \
+             ARRAY['1','2']::bytea[], ARRAY[NULL,NULL])",
+        )
+        .await
+        .unwrap_err();
+    let msg = e.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("invalid cache name 'Bad Cache'"), "{msg}");
     app.batch_execute("BEGIN; SELECT tandem.clear('pages'); SELECT tandem.put('pages', 'after-clear', 'new'); COMMIT")
         .await
         .unwrap();
@@ -265,6 +283,11 @@ async fn app_transactions_write_through_sql_functions() {
     let local = hs[0].read_cache();
     assert_eq!(local.keys().filter(|(c, _)| c == "pages").count(), 1);
     assert_eq!(local.keys().filter(|(c, _)| c == "b").count(), 2);
+    let d: Vec<_> = local.iter().filter(|((c, _), _)| c == "d").collect();
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!(d[0].0.1, "kept");
+    assert_eq!(d[0].1.0, b"2");
+    assert_eq!(d[0].1.1, "application/octet-stream");
 
     // Bad names are refused by the database itself, with a clear message.
     let e = app
