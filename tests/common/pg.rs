@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use tokio_postgres::NoTls;
 
@@ -210,14 +210,22 @@ impl TestDb {
         Self::on(pg()).await
     }
 
-    /// A fresh database on a given server.
+    /// A fresh database on a given server, named
+    /// `t_<machine>_<pid>_<n>`. The first one a process creates also drops
+    /// this machine's test databases whose process has ended (a test cannot
+    /// drop its own: it may fail anywhere), so a long-lived server named by
+    /// `TANDEM_TEST_DATABASE_URL` does not fill up.
     pub async fn on(pg: &Pg) -> TestDb {
+        let machine = machine_tag();
         let name = format!(
-            "t_{}_{}",
+            "t_{machine}_{}_{}",
             std::process::id(),
             NEXT_DB.fetch_add(1, Ordering::SeqCst)
         );
         let admin = connect(&pg.url("postgres")).await;
+        if !SWEPT.swap(true, Ordering::SeqCst) {
+            drop_ended(&admin, &machine).await;
+        }
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
@@ -245,6 +253,53 @@ impl TestDb {
         rows.iter()
             .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3))))
             .collect()
+    }
+}
+
+static SWEPT: AtomicBool = AtomicBool::new(false);
+
+/// Eight hex digits of /etc/machine-id: test databases of other machines
+/// sharing the server are never touched.
+fn machine_tag() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
+    let id = id.trim();
+    if id.len() >= 8 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        id[..8].to_ascii_lowercase()
+    } else {
+        "00000000".into()
+    }
+}
+
+/// Drops this machine's test databases left by processes that have ended.
+async fn drop_ended(admin: &tokio_postgres::Client, machine: &str) {
+    let prefix = format!("t_{machine}_");
+    let Ok(rows) = admin
+        .query(
+            "SELECT datname::text FROM pg_database WHERE starts_with(datname::text, $1)",
+            &[&prefix],
+        )
+        .await
+    else {
+        return;
+    };
+    for row in rows {
+        let name: String = row.get(0);
+        let Some(pid) = name[prefix.len()..]
+            .split('_')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                name.replace('"', "\"\"")
+            ))
+            .await;
     }
 }
 
