@@ -101,7 +101,13 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     check("data_dir", old.data_dir != new.data_dir);
     check("cache_dir", old.cache_dir != new.cache_dir);
     check("host.id", old.host_id != new.host_id);
-    check("database", !same(&old.database, &new.database));
+    // Secrets print as `***`: compared by value.
+    check(
+        "database",
+        !same(&old.database, &new.database)
+            || old.database.url != new.database.url
+            || old.database.password != new.database.password,
+    );
     let strip = |a: &config::ApiConfig| {
         let mut a = a.clone();
         a.token = None;
@@ -116,7 +122,11 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<&'static str> {
     check("leader", !same(&old.leader, &new.leader));
     check("scheduler", !same(&old.scheduler, &new.scheduler));
     check("search", !same(&old.search, &new.search));
-    check("uploads", !same(&old.uploads, &new.uploads));
+    check(
+        "uploads",
+        !same(&old.uploads, &new.uploads)
+            || old.uploads.secret_access_key != new.uploads.secret_access_key,
+    );
     check("events", !same(&old.events, &new.events));
     check("log.format", old.log.format != new.log.format);
     out

@@ -188,7 +188,7 @@ async fn every_kind_of_change_reaches_another_hosts_stream() {
     assert_eq!(version.data["name"], "menu");
     assert_eq!(version.data["value"], 1);
     let reg = find(&|e| e.event == "upload").expect("the upload");
-    assert_eq!(reg.data["id"], upload["id"]);
+    assert_eq!(reg.data["upload"], upload["id"]);
     assert_eq!(reg.data["op"], "registered");
     let job = seen.last().unwrap();
     assert_eq!(job.data["run"]["run"], run["run_id"]);
@@ -405,11 +405,13 @@ async fn a_slow_consumer_is_told_to_resync_and_slows_nothing() {
     );
 }
 
-/// A small app endpoint for the webhook: records batches, fails while told.
+/// A small app endpoint for the webhook: records batches, fails (503) or
+/// refuses (422) while told.
 #[derive(Clone, Default)]
 struct Hook {
     batches: Arc<Mutex<Vec<Value>>>,
     failing: Arc<Mutex<bool>>,
+    refusing: Arc<Mutex<bool>>,
     attempts: Arc<Mutex<u32>>,
 }
 
@@ -426,6 +428,9 @@ impl Hook {
                     *me.attempts.lock().unwrap() += 1;
                     if *me.failing.lock().unwrap() {
                         return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    if *me.refusing.lock().unwrap() {
+                        return axum::http::StatusCode::UNPROCESSABLE_ENTITY;
                     }
                     me.batches
                         .lock()
@@ -516,4 +521,42 @@ async fn the_webhook_gets_every_batch_and_retries() {
             .unwrap()
             >= 4.0
     );
+
+    // The app refuses one batch outright (422): after 5 refusals it is
+    // dropped and replaced by a resync, and delivery goes on.
+    *hook.refusing.lock().unwrap() = true;
+    let before = *hook.attempts.lock().unwrap();
+    a.put("pages", "five", b"x", "").await;
+    eventually("five refusals", Duration::from_secs(30), || async {
+        b.metric("tandem_events_webhook_posts_total{outcome=\"refused\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert!(*hook.attempts.lock().unwrap() >= before + 5);
+    *hook.refusing.lock().unwrap() = false;
+    a.put("pages", "six", b"x", "").await;
+    eventually(
+        "delivery after the refused batch",
+        Duration::from_secs(30),
+        || async { hook.keys().last().map(String::as_str) == Some("six") },
+    )
+    .await;
+    assert_eq!(hook.keys(), vec!["one", "two", "three", "four", "six"]);
+    let events: Vec<Value> = hook
+        .batches
+        .lock()
+        .unwrap()
+        .iter()
+        .flat_map(|b| b["events"].as_array().unwrap().clone())
+        .collect();
+    let resync = events
+        .iter()
+        .find(|e| e["type"] == "resync" && e["reason"] == "refused")
+        .expect("a resync in place of the refused batch");
+    // Ids only grow along the deliveries.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] <= w[1]), "{seqs:?}");
+    assert!(resync["seq"].as_u64().unwrap() >= 5);
 }

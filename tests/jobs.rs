@@ -133,7 +133,8 @@ async fn overlap_timeouts_and_retries() {
          [[jobs]]\nname = \"slow-http\"\n{never}\ntimeout = \"500ms\"\nhttp = {{ url = \"{slow}\" }}\n\n\
          [[jobs]]\nname = \"slow-command\"\n{never}\ntimeout = \"500ms\"\ncommand = {{ argv = [\"sh\", \"-c\", \"echo started; sleep 30\"] }}\n\n\
          [[jobs]]\nname = \"flaky\"\n{never}\nretries = 3\nretry_backoff = \"100ms\"\nhttp = {{ url = \"{flaky}\" }}\n\n\
-         [[jobs]]\nname = \"broken\"\n{never}\nretries = 1\nretry_backoff = \"100ms\"\ncommand = {{ argv = [\"sh\", \"-c\", \"echo bad input >&2; exit 4\"] }}\n",
+         [[jobs]]\nname = \"broken\"\n{never}\nretries = 1\nretry_backoff = \"100ms\"\ncommand = {{ argv = [\"sh\", \"-c\", \"echo bad input >&2; exit 4\"] }}\n\n\
+         [[jobs]]\nname = \"nul\"\n{never}\ncommand = {{ argv = [\"printf\", \"a\\\\0b\"] }}\n",
         hold = recorder.url("/hold/2500"),
         slow = recorder.url("/slow"),
         flaky = recorder.url("/flaky/2"),
@@ -144,7 +145,7 @@ async fn overlap_timeouts_and_retries() {
         a.get_json("/v1/role").await["leader"].is_string()
     })
     .await;
-    for job in ["slow-http", "slow-command", "flaky", "broken"] {
+    for job in ["slow-http", "slow-command", "flaky", "broken", "nul"] {
         let r = a
             .http
             .post(a.url(&format!("/v1/jobs/{job}/run")))
@@ -172,6 +173,10 @@ async fn overlap_timeouts_and_retries() {
                 .any(|r| r["state"] == "timed_out");
         }
         done &= runs(&a, "flaky")
+            .await
+            .iter()
+            .any(|r| r["state"] == "succeeded");
+        done &= runs(&a, "nul")
             .await
             .iter()
             .any(|r| r["state"] == "succeeded");
@@ -208,6 +213,8 @@ async fn overlap_timeouts_and_retries() {
     let broken = runs(&a, "broken").await;
     assert_eq!(broken[0]["exit_status"], 4);
     assert!(broken[0]["output"].as_str().unwrap().contains("bad input"));
+    // Output PostgreSQL text cannot hold (a NUL) is recorded, not lost.
+    assert_eq!(runs(&a, "nul").await[0]["output"], "a\u{FFFD}b");
 
     // Overlap refused: a 2.5 s run every second never runs twice at once.
     eventually("overlap refusals", Duration::from_secs(15), || async {

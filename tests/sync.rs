@@ -275,6 +275,14 @@ async fn app_transactions_write_through_sql_functions() {
         .unwrap_err();
     let msg = e.as_db_error().unwrap().message().to_string();
     assert!(msg.contains("invalid cache name 'Bad Cache'"), "{msg}");
+    let e = app
+        .batch_execute(
+            "SELECT tandem.batch('{{put,put}}', '{{d,d}}', '{{x,y}}', '{{1,2}}'::bytea[], '{{a,b}}')",
+        )
+        .await
+        .unwrap_err();
+    let msg = e.as_db_error().unwrap().message().to_string();
+    assert!(msg.contains("one-dimensional"), "{msg}");
     app.batch_execute("BEGIN; SELECT tandem.clear('pages'); SELECT tandem.put('pages', 'after-clear', 'new'); COMMIT")
         .await
         .unwrap();

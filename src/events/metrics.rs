@@ -8,7 +8,7 @@ use crate::metrics::{counter, counter_vec, int_gauge};
 pub struct EventMetrics {
     /// Events published, by type.
     pub published: IntCounterVec,
-    /// Consumers told to resync, by reason (window, lagged, restart).
+    /// Consumers told to resync, by reason (window, lagged, restart, refused).
     pub resyncs: IntCounterVec,
     /// Event-stream clients connected now.
     pub subscribers: IntGauge,
@@ -32,7 +32,7 @@ impl EventMetrics {
             resyncs: counter_vec(
                 registry,
                 "tandem_events_resyncs_total",
-                "Event consumers told to resync, by reason (window, lagged, restart).",
+                "Event consumers told to resync, by reason (window, lagged, restart, refused).",
                 &["reason"],
             ),
             subscribers: int_gauge(
@@ -43,7 +43,7 @@ impl EventMetrics {
             webhook_posts: counter_vec(
                 registry,
                 "tandem_events_webhook_posts_total",
-                "POSTs of event batches to events.webhook_url, by outcome (ok, error).",
+                "POSTs of event batches to events.webhook_url, by outcome (ok, error, refused: dropped).",
                 &["outcome"],
             ),
             webhook_events: counter(

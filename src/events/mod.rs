@@ -68,7 +68,7 @@ impl Pending {
                 "version"
             }
             UPLOADS_CACHE => {
-                fields.insert("id".into(), json!(key));
+                fields.insert("upload".into(), json!(key));
                 let op = if value.is_some() {
                     "registered"
                 } else {
@@ -237,7 +237,8 @@ impl Hub {
         self.resync_at(reason, seq)
     }
 
-    fn resync_at(&self, reason: &str, seq: u64) -> Event {
+    /// A `resync` event for one consumer, numbered `seq`.
+    pub fn resync_at(&self, reason: &str, seq: u64) -> Event {
         self.metrics.resyncs.with_label_values(&[reason]).inc();
         Event {
             seq,
@@ -310,12 +311,27 @@ impl Hub {
                 .collect::<Vec<_>>())),
         };
         drop(w);
+        // Numbered with the newest id read under the lock: events published
+        // since then come after it in `live`.
         let backlog = match backlog {
             Some(Ok(events)) => events,
-            Some(Err(reason)) => vec![self.resync_event(reason)],
-            None => vec![self.resync_event("restart")],
+            Some(Err(reason)) => vec![self.resync_at(reason, newest)],
+            None => vec![self.resync_at("restart", newest)],
         };
         Subscription { backlog, live }
+    }
+
+    /// Subscribes to what comes next, starting with a `resync` (`reason`)
+    /// for a consumer that may hold state from before (the webhook).
+    pub fn subscribe_resync(&self, reason: &str) -> Subscription {
+        let w = self.window.lock().expect("not poisoned");
+        let live = self.tx.subscribe();
+        let newest = w.next_seq - 1;
+        drop(w);
+        Subscription {
+            backlog: vec![self.resync_at(reason, newest)],
+            live,
+        }
     }
 }
 

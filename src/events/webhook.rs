@@ -6,6 +6,12 @@
 //!
 //! Body: `{"host": "<host id>", "events": [{"id": "<epoch>-<seq>", ...}]}`,
 //! each event with the fields of its `data:` line in the stream.
+//!
+//! A batch the endpoint refuses outright (a 4xx other than 408 and 429)
+//! [`REFUSED_ATTEMPTS`] times is dropped, logged, and replaced by a
+//! `resync` (reason `refused`), so one bad batch cannot stop delivery for
+//! good. Anything else (connection errors, timeouts, 5xx) is retried until
+//! delivered.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +23,25 @@ use crate::app::App;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Refusals of one batch after which it is dropped.
+pub const REFUSED_ATTEMPTS: u32 = 5;
+
+/// Why a POST did not deliver.
+enum Failure {
+    /// The endpoint refused the batch itself (a 4xx but 408 and 429).
+    Refused(reqwest::StatusCode),
+    /// Anything else: worth retrying.
+    Other(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Refused(s) => write!(f, "answered {s}"),
+            Failure::Other(e) => f.write_str(e),
+        }
+    }
+}
 
 /// Delivers events until `cancel` (nothing to do without a webhook URL).
 pub async fn run(app: Arc<App>, cancel: CancellationToken) {
@@ -26,8 +51,12 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         cancel.cancelled().await;
         return;
     };
+    // No redirects (a 303 would turn the POST into a GET that "delivers"
+    // nothing) and no proxy from the environment (the endpoint is local).
     let client = match reqwest::Client::builder()
         .timeout(cfg.webhook_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
         .build()
     {
         Ok(c) => c,
@@ -39,10 +68,10 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     };
     let hub = app.events.clone();
     let m = hub.metrics.clone();
-    let mut sub = hub.subscribe(None);
     // The app may hold state from this host's previous run: what was not
     // delivered then is lost, so it starts with a resync.
-    let mut batch: Vec<Event> = vec![hub.resync_event("restart")];
+    let mut sub = hub.subscribe_resync("restart");
+    let mut batch: Vec<Event> = std::mem::take(&mut sub.backlog);
     tracing::info!(url = %url, "delivering events to the webhook");
     loop {
         if batch.is_empty() {
@@ -60,6 +89,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
             batch.extend(events);
         }
         let mut backoff = BACKOFF_MIN;
+        let mut refusals = 0;
         loop {
             let pending = batch.len() + sub.live.len();
             m.webhook_pending.set(pending as i64);
@@ -71,7 +101,20 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
                     m.webhook_pending.set(sub.live.len() as i64);
                     break;
                 }
+                Err(Failure::Refused(status)) if refusals + 1 >= REFUSED_ATTEMPTS => {
+                    m.webhook_posts.with_label_values(&["refused"]).inc();
+                    let last = batch.last().map_or(0, |e| e.seq);
+                    tracing::error!(url = %url, status = %status, events = batch.len(),
+                        first = %hub.id_of(batch.first().map_or(0, |e| e.seq)), last = %hub.id_of(last),
+                        "the webhook refused a batch {REFUSED_ATTEMPTS} times; dropping it and sending a resync instead");
+                    batch = vec![hub.resync_at("refused", last)];
+                    refusals = 0;
+                    backoff = BACKOFF_MIN;
+                }
                 Err(e) => {
+                    if matches!(e, Failure::Refused(_)) {
+                        refusals += 1;
+                    }
                     m.webhook_posts.with_label_values(&["error"]).inc();
                     tracing::warn!(url = %url, error = %e, retry_in = ?backoff, events = batch.len(), "cannot deliver events to the webhook");
                     tokio::select! {
@@ -91,7 +134,7 @@ async fn post(
     host: &str,
     hub: &Hub,
     batch: &[Event],
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     let mut body =
         String::with_capacity(64 + batch.iter().map(|e| e.data.len() + 40).sum::<usize>());
     body.push_str("{\"host\":");
@@ -114,10 +157,16 @@ async fn post(
         .body(body)
         .send()
         .await
-        .map_err(|e| e.to_string())?;
-    if r.status().is_success() {
+        .map_err(|e| Failure::Other(e.to_string()))?;
+    let status = r.status();
+    if status.is_success() {
         Ok(())
+    } else if status.is_client_error()
+        && status != reqwest::StatusCode::REQUEST_TIMEOUT
+        && status != reqwest::StatusCode::TOO_MANY_REQUESTS
+    {
+        Err(Failure::Refused(status))
     } else {
-        Err(format!("answered {}", r.status()))
+        Err(Failure::Other(format!("answered {status}")))
     }
 }

@@ -157,10 +157,14 @@ pub struct Scheduler {
     /// Retries of abandoned runs, found by the built-in job.
     retry_tx: mpsc::UnboundedSender<Planned>,
     retry_rx: mpsc::UnboundedReceiver<Planned>,
+    /// Changes to the configured jobs (SIGHUP).
+    reloaded: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Scheduler {
     pub fn new(app: Arc<App>) -> Self {
+        // Subscribed before reading the jobs: a reload from now on is seen.
+        let reloaded = app.jobs_reloaded.subscribe();
         let jobs = enabled_jobs(&app);
         let http = reqwest::Client::builder()
             .no_proxy()
@@ -171,6 +175,7 @@ impl Scheduler {
         Self {
             retry_tx,
             retry_rx,
+            reloaded,
             app,
             jobs,
             cursors: HashMap::new(),
@@ -193,7 +198,7 @@ impl Scheduler {
             }
         }
         let mut term = *term_rx.borrow_and_update();
-        let mut reloaded = self.app.jobs_reloaded.subscribe();
+        let mut reloaded = self.reloaded.clone();
         self.init_cursors(|_| true).await;
         let mut check_queue = true;
         let mut last_queue_check = Instant::now();

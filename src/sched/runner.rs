@@ -188,6 +188,10 @@ impl Runner {
     /// Writes the outcome, retrying for a while if the database is down.
     async fn record(&self, id: i64, o: &Outcome) {
         let app = &self.app;
+        // PostgreSQL text cannot hold NUL (`find -print0`, a binary body).
+        let nul = |s: &str| s.replace('\0', "\u{FFFD}");
+        let output = nul(&o.output);
+        let error = o.error.as_deref().map(nul);
         for attempt in 0..10u32 {
             app.metrics.db_queries.with_label_values(&["jobs"]).inc();
             let result = app
@@ -199,8 +203,8 @@ impl Runner {
                         &o.state,
                         &o.exit_status,
                         &o.http_status,
-                        &o.output,
-                        &o.error,
+                        &output,
+                        &error,
                     ],
                 )
                 .await;

@@ -25,8 +25,11 @@ BEGIN
     INSERT INTO {schema}.entries (cache, key, value, content_type)
     VALUES ('_jobs', r.job, convert_to(jsonb_build_object(
                 'job', r.job, 'run', r.id, 'state', r.state, 'host', r.host,
-                'trigger', r.trigger, 'scheduled_for', r.scheduled_for,
-                'started_at', r.started_at, 'finished_at', r.finished_at,
+                'trigger', r.trigger,
+                -- In UTC, as the API writes times, whatever the session's TimeZone.
+                'scheduled_for', to_char(r.scheduled_for AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+                'started_at', to_char(r.started_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+                'finished_at', to_char(r.finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
                 'exit_status', r.exit_status, 'http_status', r.http_status,
                 'error', r.error)::text, 'UTF8'), 'application/json')
     ON CONFLICT (cache, key) DO UPDATE
