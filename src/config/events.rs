@@ -23,7 +23,7 @@ pub struct EventsConfig {
 }
 
 pub(super) fn validate(raw: RawEvents) -> Result<EventsConfig, ConfigError> {
-    let window = int_in("events.window", raw.window, 10_000, 1, 10_000_000)? as usize;
+    let window = int_in("events.window", raw.window, 10_000, 1, 1_000_000)? as usize;
     let buffer = int_in("events.buffer", raw.buffer, 4096, 16, 1_000_000)? as usize;
     let heartbeat = duration("events.heartbeat", raw.heartbeat, "15s")?;
     if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&heartbeat) {

@@ -303,10 +303,10 @@ impl Hub {
             None => None,
             Some(seq) if seq > newest => None,
             Some(seq) if seq + 1 < oldest => Some(Err("window")),
+            // Seqs in the window are contiguous: start right after `seq`.
             Some(seq) => Some(Ok(w
                 .events
-                .iter()
-                .filter(|e| e.seq > seq)
+                .range((seq + 1 - oldest) as usize..)
                 .cloned()
                 .collect::<Vec<_>>())),
         };
@@ -463,7 +463,10 @@ mod tests {
             let s = h.subscribe(Some(other));
             assert_eq!(s.backlog.len(), 1, "{other}");
             assert!(s.backlog[0].data.contains("restart"));
+            assert_eq!(s.backlog[0].seq, 5, "numbered as the newest event");
         }
+        let s = h.subscribe_resync("restart");
+        assert_eq!(s.backlog[0].seq, 5);
     }
 
     #[test]
