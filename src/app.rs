@@ -98,6 +98,15 @@ impl App {
         self.live.read().expect("not poisoned").jobs.clone()
     }
 
+    /// When this process started, in seconds since the epoch by this host's
+    /// clock: what heartbeats and uploads name this run of the process by.
+    pub fn started_secs(&self) -> f64 {
+        self.started_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64()
+    }
+
     /// The API token as last loaded.
     pub fn token(&self) -> Option<Secret> {
         self.live.read().expect("not poisoned").token.clone()

@@ -130,11 +130,7 @@ async fn heartbeat(app: &App) -> Result<(), DbError> {
     let applied = status.persisted.as_ref().map(|p| p.done.to_string());
     let ready = app.ready().is_ok();
     let lag = app.sync.lag().as_secs_f64();
-    let started_secs = app
-        .started_at
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs_f64();
+    let started_secs = app.started_secs();
     let interval = app.config.cluster.heartbeat_interval.as_secs_f64();
     let missed = app.config.cluster.stale_after as i32;
     let api = app.config.api.listen.map(|a| a.to_string());

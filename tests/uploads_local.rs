@@ -112,3 +112,50 @@ async fn a_damaged_local_copy_is_fetched_again_after_a_restart() {
     assert!(hs[1].log_contains("does not match its sha256"));
     assert_eq!(std::fs::read(&copy).unwrap(), body, "fetched again");
 }
+
+/// "The origin host restarted" compares the host's process start with the
+/// one that began the upload, both by the host's clock: a host whose clock
+/// runs ahead of the database's keeps its fresh uploads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_clock_ahead_of_the_database_does_not_abandon_uploads() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let a = Host::start(&db.url, "a", root.path(), &[]).await;
+    a.wait_ready().await;
+    let c = db.client().await;
+    // Host "skewed" started 30 s "after" the database's now, by its clock.
+    c.batch_execute(
+        "INSERT INTO tandem.hosts (id, version, started_at, heartbeat_at, heartbeat_interval) \
+         VALUES ('skewed', 'test', now() + interval '30 s', now(), interval '5 s'); \
+         SELECT tandem.upload_begin(repeat('a', 32), 'f', 'text/plain', 'skewed', interval '1 hour', \
+                                    now() + interval '30 s'); \
+         SELECT tandem.upload_begin(repeat('b', 32), 'f', 'text/plain', 'skewed', interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    let state = |id: char| {
+        let c = &c;
+        async move {
+            c.query_one(
+                "SELECT state FROM tandem.uploads WHERE id = repeat($1::text, 32)",
+                &[&id.to_string()],
+            )
+            .await
+            .unwrap()
+            .get::<_, String>(0)
+        }
+    };
+    let expire = "SELECT count(*) FROM tandem.upload_expire(interval '1 day', 3, 100, 'a')";
+    c.query_one(expire, &[]).await.unwrap();
+    assert_eq!(state('a').await, "pending", "this run's upload stays");
+    // An older binary's row (no process start) keeps the old comparison.
+    assert_eq!(state('b').await, "abandoned");
+    // The host restarts: its uploads from the previous run are abandoned.
+    c.batch_execute(
+        "UPDATE tandem.hosts SET started_at = now() + interval '60 s' WHERE id = 'skewed'",
+    )
+    .await
+    .unwrap();
+    c.query_one(expire, &[]).await.unwrap();
+    assert_eq!(state('a').await, "abandoned");
+}

@@ -107,7 +107,7 @@ impl Queries {
             lock_release: r("SELECT {schema}.lock_release($1::text, $2::int8)"),
             upload_begin: r(
                 "SELECT {schema}.upload_begin($1::text, $2::text, $3::text, $4::text, \
-                 make_interval(secs => $5::float8))",
+                 make_interval(secs => $5::float8), to_timestamp($6::float8))",
             ),
             upload_multipart: r(
                 "UPDATE {schema}.uploads SET multipart_id = $2::text WHERE id = $1::text AND state = 'pending'",

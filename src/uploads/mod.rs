@@ -232,8 +232,15 @@ impl Uploads {
     {
         let id = new_id();
         let ttl = ttl.as_secs_f64();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&id, &name, &content_type, &app.config.host_id, &ttl];
+        let started = app.started_secs();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &id,
+            &name,
+            &content_type,
+            &app.config.host_id,
+            &ttl,
+            &started,
+        ];
         let begin = async {
             app.db.query(&app.queries.upload_begin, &params).await?;
             Ok::<_, UploadError>(())

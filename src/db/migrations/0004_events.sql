@@ -1,8 +1,9 @@
 -- Events (issue 6): a finished run of an app job (not of the built-in
 -- `tandem.*` ones) is announced through the log, as the entry `_jobs/<job>`
 -- (the run, as JSON), so that every host's event stream and webhook can
--- report it. And: another host's pending uploads are
--- abandoned only after two minutes of silence at least.
+-- report it. And, for uploads: another host's pending uploads are
+-- abandoned only after two minutes of silence at least, and a host's restart
+-- is told by its own clock (below).
 
 CREATE OR REPLACE FUNCTION {schema}.finish_run(p_id bigint, p_state text, p_exit int, p_http int,
                                                p_output text, p_error text)
@@ -39,6 +40,25 @@ BEGIN
     RETURN true;
 END $$;
 
+-- Uploads remember the run of their origin host's process that stores them
+-- (`origin_started_at`: the process start the host also sends in its
+-- heartbeats, by the host's own clock). "The origin host restarted" compares
+-- that with the host's latest heartbeat, clock with the same clock; it used
+-- to compare the host's clock with the database's, so a host whose clock ran
+-- ahead had the uploads it began just after starting marked abandoned.
+
+ALTER TABLE {schema}.uploads ADD COLUMN origin_started_at timestamptz;
+
+-- The five-argument form stays for binaries of the previous version during
+-- a rolling upgrade.
+CREATE FUNCTION {schema}.upload_begin(p_id text, p_name text, p_content_type text,
+                                      p_origin text, p_ttl interval,
+                                      p_origin_started_at timestamptz)
+RETURNS void LANGUAGE sql AS $$
+    INSERT INTO {schema}.uploads (id, state, name, content_type, origin, ttl, origin_started_at)
+    VALUES (p_id, 'pending', p_name, p_content_type, p_origin, p_ttl, p_origin_started_at)
+$$;
+
 CREATE OR REPLACE FUNCTION {schema}.upload_expire(p_abandon_after interval, p_missed int, p_limit int,
                                        p_host text)
 RETURNS TABLE (id text, state text, multipart_id text, expired boolean)
@@ -64,7 +84,10 @@ BEGIN
              WHERE p.state = 'pending'
                AND (p.created_at < now() - p_abandon_after
                     OR h.id IS NULL OR h.stopped_at IS NOT NULL
-                    OR h.started_at > p.created_at
+                    -- The origin host restarted: its process start (by its
+                    -- own clock) is later than the one that began the upload.
+                    -- Rows of older binaries compare with created_at.
+                    OR h.started_at > coalesce(p.origin_started_at, p.created_at)
                     -- The host running this is alive: its own uploads are
                     -- abandoned only by a restart or their age. Another
                     -- host's, once it has been silent for long enough that
