@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::s3::S3Server;
-use common::uploads::kib_of;
+use common::uploads::{kib_of, numbered_gib};
 use common::{Host, Pg, TestDb, env_u64, percentile, tempdir};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
@@ -245,14 +245,9 @@ async fn bench_store(pg: &Pg, kind: &str) {
 /// A 1 GiB body streamed to A, then read whole on B: each process's peak
 /// RSS growth.
 async fn memory(client: &reqwest::Client, a: &Host, b: &Host) {
-    let chunk = random_bytes(MIB, 7);
+    let body = numbered_gib(random_bytes(MIB, 7).to_vec());
     let (pa, pb) = (a.pid().unwrap(), b.pid().unwrap());
     let before_a = kib_of(pa, "VmRSS:");
-    let body = futures_util::stream::iter((0..1024u32).map(move |i| {
-        let mut c = chunk.to_vec();
-        c[..4].copy_from_slice(&i.to_le_bytes());
-        Ok::<_, std::io::Error>(c)
-    }));
     let t0 = Instant::now();
     let r = client
         .post(a.url("/v1/uploads?name=big.iso"))

@@ -6,7 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::uploads::{backend, fetch, hex, hosts, kib_of, random_bytes, upload};
+use common::uploads::{
+    backend, fetch, hex, hosts, kib_of, numbered_gib, numbered_gib_sha, random_bytes, upload,
+};
 use common::{Host, TestDb, tempdir};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -31,18 +33,8 @@ async fn one_gib_upload_with_flat_memory() {
     let pid = a.pid().unwrap();
     let before = kib_of(pid, "VmHWM:");
     let chunk = random_bytes(1 << 20, 6);
-    let mut expected = Sha256::new();
-    for i in 0..1024u32 {
-        let mut c = chunk.clone();
-        c[..4].copy_from_slice(&i.to_le_bytes());
-        expected.update(&c);
-    }
-    let expected = hex(&expected.finalize());
-    let body = futures_util::stream::iter((0..1024u32).map(move |i| {
-        let mut c = chunk.clone();
-        c[..4].copy_from_slice(&i.to_le_bytes());
-        Ok::<_, std::io::Error>(c)
-    }));
+    let expected = numbered_gib_sha(&chunk);
+    let body = numbered_gib(chunk);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()

@@ -85,6 +85,30 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Chunk `i` of [`numbered_gib`]: `chunk` with `i` in its first 4 bytes.
+fn numbered(chunk: &[u8], i: u32) -> Vec<u8> {
+    let mut c = chunk.to_vec();
+    c[..4].copy_from_slice(&i.to_le_bytes());
+    c
+}
+
+/// A 1 GiB body: 1,024 copies of `chunk` (1 MiB), each numbered in its
+/// first 4 bytes so no two are alike.
+pub fn numbered_gib(
+    chunk: Vec<u8>,
+) -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::iter((0..1024u32).map(move |i| Ok(numbered(&chunk, i))))
+}
+
+/// The sha256 of [`numbered_gib`]`(chunk)`.
+pub fn numbered_gib_sha(chunk: &[u8]) -> String {
+    let mut expected = Sha256::new();
+    for i in 0..1024u32 {
+        expected.update(numbered(chunk, i));
+    }
+    hex(&expected.finalize())
+}
+
 pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed
         .wrapping_mul(6364136223846793005)
