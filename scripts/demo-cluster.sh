@@ -210,21 +210,26 @@ start_host() {
     echo $! >"$D/$h/tandem.pid"
 }
 
-wait_ready() {
-    local h="$1" secs="${2:-60}" n api i pid
-    n="$(host_num "$h")"
-    api="$(api_port "$n")"
-    pid="$(pid_of "$D/$h/tandem.pid")"
-    for ((i = 0; i < secs * 5; i++)); do
-        [[ "$(http_status "http://127.0.0.1:$api/readyz")" == 200 ]] && return 0
-        if ! alive "$pid"; then
-            tail -30 "$D/$h/tandem.log" >&2 || true
-            die "tandem $h exited while starting (log: $D/$h/tandem.log)"
+# wait_readyz WHAT URL PIDFILE LOG SECS: until URL answers 200; dies with
+# the log's tail if the process exits first or SECS pass.
+wait_readyz() {
+    local what="$1" url="$2" pidfile="$3" log="$4" secs="$5" i
+    for ((i = 0; i < secs * 10; i++)); do
+        [[ "$(http_status "$url")" == 200 ]] && return 0
+        if ! alive "$(pid_of "$pidfile")"; then
+            tail -30 "$log" >&2 || true
+            die "$what exited while starting (log: $log)"
         fi
-        sleep 0.2
+        sleep 0.1
     done
-    tail -30 "$D/$h/tandem.log" >&2 || true
-    die "tandem $h not ready after ${secs}s (log: $D/$h/tandem.log)"
+    tail -30 "$log" >&2 || true
+    die "$what not ready after ${secs}s (log: $log)"
+}
+
+wait_ready() {
+    local h="$1" api
+    api="$(api_port "$(host_num "$h")")"
+    wait_readyz "tandem $h" "http://127.0.0.1:$api/readyz" "$D/$h/tandem.pid" "$D/$h/tandem.log" "${2:-60}"
 }
 
 start_app() {
@@ -245,19 +250,9 @@ start_app() {
 }
 
 wait_app() {
-    local h="$1" n port i
-    n="$(host_num "$h")"
-    port="$(app_port "$n")"
-    for ((i = 0; i < 100; i++)); do
-        [[ "$(http_status "http://127.0.0.1:$port/readyz")" == 200 ]] && return 0
-        alive "$(pid_of "$D/$h/app.pid")" || {
-            tail -20 "$D/$h/app.log" >&2 || true
-            die "app $h exited (log: $D/$h/app.log)"
-        }
-        sleep 0.1
-    done
-    tail -20 "$D/$h/app.log" >&2 || true
-    die "app $h does not answer /readyz with 200 (log: $D/$h/app.log)"
+    local h="$1" port
+    port="$(app_port "$(host_num "$h")")"
+    wait_readyz "app $h" "http://127.0.0.1:$port/readyz" "$D/$h/app.pid" "$D/$h/app.log" 10
 }
 
 write_haproxy_cfg() {
