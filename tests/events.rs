@@ -474,6 +474,12 @@ async fn the_webhook_gets_every_batch_and_retries() {
     .await;
     a.wait_ready().await;
     b.wait_ready().await;
+    // The webhook starts with its resync; a change made before it started
+    // would be covered by that resync, not sent, so wait for it.
+    eventually("the start's resync", Duration::from_secs(20), || async {
+        !hook.batches.lock().unwrap().is_empty()
+    })
+    .await;
     a.put("pages", "one", b"1", "").await;
     eventually("the first delivery", Duration::from_secs(20), || async {
         hook.keys() == vec!["one".to_string()]
