@@ -99,7 +99,7 @@ async fn migrate_and_status() {
     let out = tandem(&["migrate", "--config", "/dev/null"], &env);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stdout).contains("migrated from version 0 to 5"),
+        text(&out.stdout).contains("migrated from version 0 to 6"),
         "{}",
         text(&out.stdout)
     );

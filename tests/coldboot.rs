@@ -109,7 +109,7 @@ async fn every_cold_boot_trigger() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("migrated from version 0 to 5"),
+        String::from_utf8_lossy(&out.stdout).contains("migrated from version 0 to 6"),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );

@@ -434,3 +434,105 @@ async fn writes_wait_for_this_host_or_the_cluster() {
     assert_eq!(body["error"]["code"], "not_applied");
     let _ = connect;
 }
+
+/// Buffers the `PAGE` statement touches for one read after `position`.
+async fn page_buffers(client: &tokio_postgres::Client, position: &str) -> i64 {
+    let page = tandem::db::render(tandem::sync::read::PAGE, "tandem");
+    let pos: tandem::sync::position::Position = tandem::sync::position::Position {
+        done: position.parse().unwrap(),
+        pending: None,
+    };
+    let (start_tx, start_id) = tandem::sync::read::range_start(&pos);
+    let start_tx = start_tx.to_string();
+    explain_buffers(
+        client,
+        &page,
+        &[
+            &position,
+            &"0",
+            &0i64,
+            &None::<String>,
+            &1000i64,
+            &start_tx,
+            &start_id,
+        ],
+    )
+    .await
+}
+
+/// Buffers the heartbeat statement touches for a host at `position`, after
+/// as many calls in the same session as make PostgreSQL switch a plpgsql
+/// statement to its generic plan.
+async fn heartbeat_buffers(client: &tokio_postgres::Client, position: &str) -> i64 {
+    let call = "SELECT * FROM tandem.heartbeat('probe', 'test', '', now(), '5s', $1, true, 0, 3)";
+    for _ in 0..8 {
+        client.execute(call, &[&position]).await.unwrap();
+    }
+    explain_buffers(client, call, &[&position]).await
+}
+
+/// The buffers a statement touched, from `EXPLAIN (ANALYZE, BUFFERS)` (a
+/// count, not a timing).
+async fn explain_buffers(
+    client: &tokio_postgres::Client,
+    statement: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> i64 {
+    let rows = client
+        .query(&format!("EXPLAIN (ANALYZE, BUFFERS) {statement}"), params)
+        .await
+        .unwrap();
+    // The first "Buffers:" line is the whole statement's.
+    let line: String = rows
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .find(|l| l.trim_start().starts_with("Buffers:"))
+        .expect("EXPLAIN shows buffers");
+    line.split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .filter(|(k, _)| ["hit", "read"].contains(k))
+        .map(|(_, v)| v.parse::<i64>().unwrap())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_costs_the_same_however_long_the_retained_log() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    // A host creates the schema.
+    let h = Host::start(&db.url, "h0", root.path(), &[]).await;
+    h.wait_ready().await;
+    let client = db.client().await;
+    let put_many = |n: i32| {
+        format!("SELECT count(tandem.put('big', 'k' || i, 'v')) FROM generate_series(1, {n}) i")
+    };
+    let snapshot = || async {
+        let s: String = client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        s
+    };
+    // A few recent rows to read, after a short log...
+    client.batch_execute(&put_many(100)).await.unwrap();
+    let pos = snapshot().await;
+    client.batch_execute(&put_many(3)).await.unwrap();
+    let short = page_buffers(&client, &pos).await;
+    let short_beat = heartbeat_buffers(&client, &pos).await;
+    // ...and the same after 40,000 more rows that every host has read.
+    client.batch_execute(&put_many(40_000)).await.unwrap();
+    client.batch_execute("ANALYZE tandem.log").await.unwrap();
+    let pos = snapshot().await;
+    client.batch_execute(&put_many(3)).await.unwrap();
+    let long = page_buffers(&client, &pos).await;
+    assert!(
+        long <= short + 10,
+        "a read after 40,000 retained rows touched {long} buffers, after 100 rows {short}"
+    );
+    let long_beat = heartbeat_buffers(&client, &pos).await;
+    assert!(
+        long_beat <= short_beat + 20,
+        "a heartbeat after 40,000 retained rows touched {long_beat} buffers, after 100 rows {short_beat}"
+    );
+}

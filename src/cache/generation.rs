@@ -3,7 +3,8 @@
 //!
 //! Writes are atomic and durable per batch: a value is written to a file
 //! no reader can see, and at [`Generation::commit`] those files are flushed
-//! to disk (fsync each, or one `syncfs` for larger batches), then put in
+//! to disk (fsync each, or one `syncfs`, whichever is expected to be cheaper:
+//! see [`super::flush`]), then put in
 //! place, then the touched directories are fsynced. A reader therefore only
 //! ever sees a whole old file or a whole new one, and after a crash the disk
 //! holds whole files only.
@@ -19,6 +20,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::flush::{FlushCosts, Method};
 use super::keys;
 use super::memory::ValueCache;
 use super::read::{list_caches, list_keys};
@@ -30,8 +32,9 @@ pub const CONTENT_TYPE_XATTR: &str = "user.tandem.content_type";
 /// The content type of a value stored without one.
 pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
-/// Above this many staged files, one `syncfs` replaces per-file fsyncs.
-const SYNCFS_THRESHOLD: usize = 8;
+/// Named temp files of a stage up to this size stay open (to fsync them
+/// without reopening them).
+const KEEP_OPEN_NAMED: usize = 8;
 
 /// Staged bytes above which the stage is committed early (bounds temp disk
 /// use within one large batch).
@@ -63,6 +66,8 @@ pub struct Generation {
     /// Unnamed files staged (each holds a descriptor) and the cap on them.
     open_unnamed: usize,
     max_unnamed: usize,
+    /// What flushing a stage costs, either way.
+    flush_costs: FlushCosts,
 }
 
 struct Staged {
@@ -112,6 +117,7 @@ impl Generation {
             unnamed,
             open_unnamed: 0,
             max_unnamed,
+            flush_costs: FlushCosts::default(),
         })
     }
 
@@ -153,7 +159,7 @@ impl Generation {
                 let tmp = self.tmp.join(self.next_tmp.to_string());
                 self.next_tmp += 1;
                 let file = write_file(&tmp, value, content_type, self.xattrs)?;
-                let small = self.staged.len() < SYNCFS_THRESHOLD;
+                let small = self.staged.len() < KEEP_OPEN_NAMED;
                 (small.then_some(file), Some(tmp))
             }
         };
@@ -337,17 +343,22 @@ impl Generation {
         if self.staged.is_empty() {
             return Ok(());
         }
-        if self.staged.len() > SYNCFS_THRESHOLD {
-            rustix::fs::syncfs(File::open(&self.tmp)?)?;
-        } else {
-            for s in &self.staged {
-                match (&s.file, &s.tmp) {
-                    (Some(f), _) => f.sync_data()?,
-                    (None, Some(tmp)) => File::open(tmp)?.sync_data()?,
-                    (None, None) => unreachable!("unnamed files stay open"),
+        let files = self.staged.len();
+        let method = self.flush_costs.choose(files);
+        let started = std::time::Instant::now();
+        match method {
+            Method::Syncfs => rustix::fs::syncfs(File::open(&self.tmp)?)?,
+            Method::PerFile => {
+                for s in &self.staged {
+                    match (&s.file, &s.tmp) {
+                        (Some(f), _) => f.sync_data()?,
+                        (None, Some(tmp)) => File::open(tmp)?.sync_data()?,
+                        (None, None) => unreachable!("unnamed files stay open"),
+                    }
                 }
             }
         }
+        self.flush_costs.record(method, files, started.elapsed());
         for s in std::mem::take(&mut self.staged) {
             let parent = s.dest.parent().expect("dest has a parent").to_path_buf();
             let created = match (&s.tmp, &s.file) {

@@ -7,6 +7,7 @@
 //! half-built cache. Reads go through the symlink, exactly as the app's own
 //! reads do.
 
+pub mod flush;
 pub mod generation;
 pub mod keys;
 pub mod memory;

@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "uploads", include_str!("migrations/0003_uploads.sql")),
     (4, "events", include_str!("migrations/0004_events.sql")),
     (5, "batch", include_str!("migrations/0005_batch.sql")),
+    (6, "reads", include_str!("migrations/0006_reads.sql")),
 ];
 
 /// The newest schema version this binary knows.

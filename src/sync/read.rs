@@ -21,23 +21,44 @@ use crate::db::DbError;
 
 /// The page statement. Parameters: `$1` the position's snapshot, `$2`/`$3`
 /// the last `(tx, id)` read of a partly read delta (`'0'`, 0 when none), `$4`
-/// the snapshot that delta ends at (NULL when none), `$5` the page size.
+/// the snapshot that delta ends at (NULL when none), `$5` the page size,
+/// `$6`/`$7` where the range part starts: the greater of `(xmax($1), 0)` and
+/// `($2, $3)` ([`range_start`]).
+///
+/// Both parts read `log` through its `(tx, id)` index, in index order and
+/// with a `LIMIT`, so that their cost is that of the rows they return,
+/// whatever the size of the retained log and whatever its statistics say:
+/// the range part's only lower bound is one row comparison, where the index
+/// scan starts (given both `tx >= xmax` and `(tx, id) > ($2, $3)`,
+/// PostgreSQL started the scan at the second bound: the start of the log
+/// when no delta was partly read), and the in-progress part looks each
+/// listed transaction up on its own (`tx = ANY(list)` was planned as a
+/// sequential scan when the statistics said one transaction wrote most of
+/// the log, as a bulk load does).
 ///
 /// Output rows: part 0, one row of metadata; part 1, a cache cleared; part 2,
 /// an entry of a cleared cache; part 3, a key named by a put or delete with
-/// its current value (NULL when the key no longer exists). The LATERAL joins
-/// keep the entries lookups on the primary key whatever the statistics say.
+/// its current value (NULL when the key no longer exists), in the order of
+/// each key's last change in the page (commit order: the order in which the
+/// applier refreshes them and the event stream reports them). The LATERAL
+/// subqueries cannot be flattened into joins (`LIMIT 1`, `OFFSET 0`), so
+/// each key is looked up on the primary key however many rows the planner
+/// expects the page to have (a hash join would read all of `entries`).
 pub const PAGE: &str = "
 WITH page AS MATERIALIZED (
     SELECT id, tx, kind, cache, key FROM (
-        (SELECT id, tx, kind, cache, key FROM {schema}.log
-          WHERE tx = ANY (ARRAY(SELECT pg_snapshot_xip($1::text::pg_snapshot)))
-            AND (tx, id) > ($2::text::xid8, $3::int8)
-            AND ($4::text IS NULL OR pg_visible_in_snapshot(tx, $4::text::pg_snapshot)))
+        (SELECT l.id, l.tx, l.kind, l.cache, l.key
+           FROM pg_snapshot_xip($1::text::pg_snapshot) AS x(tx)
+           CROSS JOIN LATERAL (
+               SELECT id, tx, kind, cache, key FROM {schema}.log
+                WHERE log.tx = x.tx
+                  AND (log.tx, log.id) > ($2::text::xid8, $3::int8)
+                  AND ($4::text IS NULL OR pg_visible_in_snapshot(log.tx, $4::text::pg_snapshot))
+                ORDER BY log.tx, log.id
+                LIMIT $5::int8) l)
         UNION ALL
         (SELECT id, tx, kind, cache, key FROM {schema}.log
-          WHERE tx >= pg_snapshot_xmax($1::text::pg_snapshot)
-            AND (tx, id) > ($2::text::xid8, $3::int8)
+          WHERE (tx, id) > ($6::text::xid8, $7::int8)
             AND ($4::text IS NULL OR pg_visible_in_snapshot(tx, $4::text::pg_snapshot))
           ORDER BY tx, id
           LIMIT $5::int8)
@@ -47,8 +68,9 @@ WITH page AS MATERIALIZED (
 ), cleared AS (
     SELECT DISTINCT cache FROM page WHERE kind = 'clear'
 ), touched AS (
-    SELECT DISTINCT cache, key FROM page
+    SELECT DISTINCT ON (cache, key) cache, key, tx, id FROM page
      WHERE kind <> 'clear' AND cache NOT IN (SELECT cache FROM cleared)
+     ORDER BY cache, key, tx DESC, id DESC
 )
 SELECT 0 AS part, NULL::text AS cache, NULL::text AS key, NULL::bytea AS value,
        NULL::text AS content_type,
@@ -64,12 +86,13 @@ UNION ALL
 SELECT 2, c.cache, e.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
   FROM cleared c
   CROSS JOIN LATERAL (SELECT key, value, content_type FROM {schema}.entries
-                       WHERE cache = c.cache) e
+                       WHERE cache = c.cache OFFSET 0) e
 UNION ALL
-SELECT 3, t.cache, t.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
-  FROM touched t
-  LEFT JOIN LATERAL (SELECT value, content_type FROM {schema}.entries
-                      WHERE cache = t.cache AND key = t.key) e ON true
+(SELECT 3, t.cache, t.key, e.value, e.content_type, NULL, NULL, NULL, NULL, NULL
+   FROM touched t
+   LEFT JOIN LATERAL (SELECT value, content_type FROM {schema}.entries
+                       WHERE cache = t.cache AND key = t.key LIMIT 1) e ON true
+  ORDER BY t.tx, t.id)
 ";
 
 /// What a page read said about itself.
@@ -149,8 +172,11 @@ pub async fn read_page(
         None => ("0".to_string(), 0i64, None),
     };
     let limit = i64::from(limit);
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-        [&prev, &after_tx, &after_id, &target, &limit];
+    let (start_tx, start_id) = range_start(position);
+    let start_tx = start_tx.to_string();
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        &prev, &after_tx, &after_id, &target, &limit, &start_tx, &start_id,
+    ];
     let rows = client.query_raw(statement, params).await?;
     pin_mut!(rows);
     let mut meta = None;
@@ -206,6 +232,17 @@ pub async fn read_page(
         return Err(ReadError::Protocol("page without a last row".into()));
     }
     Ok(meta)
+}
+
+/// Where the range part of the next page starts (exclusive): rows with
+/// `tx >= xmax(done)` are `(tx, id) > (xmax(done), 0)` (ids start at 1), and
+/// a partly read delta continues after its last row.
+pub fn range_start(position: &Position) -> (u64, i64) {
+    let from_snapshot = (position.done.xmax(), 0);
+    match &position.pending {
+        Some(p) => from_snapshot.max((p.after_tx, p.after_id)),
+        None => from_snapshot,
+    }
 }
 
 /// The position after applying a page read from `position`.
@@ -292,6 +329,26 @@ mod tests {
                 pending: None
             }
         );
+    }
+
+    #[test]
+    fn the_range_starts_at_the_later_bound() {
+        let fresh = Position {
+            done: snap("10:12:11"),
+            pending: None,
+        };
+        assert_eq!(range_start(&fresh), (12, 0));
+        let mut paging = fresh.clone();
+        paging.pending = Some(Pending {
+            target: snap("20:20:"),
+            after_tx: 15,
+            after_id: 40,
+        });
+        assert_eq!(range_start(&paging), (15, 40));
+        // A cursor still in the in-progress list (below xmax) starts the
+        // range at xmax.
+        paging.pending.as_mut().unwrap().after_tx = 11;
+        assert_eq!(range_start(&paging), (12, 0));
     }
 
     #[test]

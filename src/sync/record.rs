@@ -8,17 +8,25 @@
 //! directory entries it covers are on disk, so whatever position file
 //! survives a crash, the cache holds at least what it claims. Queued work is
 //! coalesced: several batches waiting cost one fsync per directory and one
-//! position write (the latest).
+//! position write (the latest). Flushes are at least [`MIN_INTERVAL`] apart
+//! unless someone waits for one, so a host applying hundreds of small
+//! batches a second fsyncs its directories and rewrites its position a few
+//! dozen times a second, not once per batch (a crash then re-reads at most
+//! that interval's batches, which is harmless).
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::apply::ApplyError;
 use super::position::{LocalState, StateFile};
+
+/// The least time between two flushes nobody waits for.
+const MIN_INTERVAL: Duration = Duration::from_millis(250);
 
 enum Record {
     Flush {
@@ -93,26 +101,44 @@ fn run(rx: Receiver<Record>, state_file: StateFile, error: Arc<Mutex<Option<Appl
             });
         }
     };
+    let mut last_flush: Option<Instant> = None;
     while let Ok(first) = rx.recv() {
         let mut dirs = BTreeSet::new();
         let mut state = None;
         let mut durable = false;
         let mut done = Vec::new();
-        let mut next = Some(first);
-        while let Some(Record::Flush {
-            dirs: d,
-            state: s,
-            durable: du,
-            done: dn,
-        }) = next.take().or_else(|| rx.try_recv().ok())
-        {
+        let mut take = |record: Record, done: &mut Vec<Sender<()>>| {
+            let Record::Flush {
+                dirs: d,
+                state: s,
+                durable: du,
+                done: dn,
+            } = record;
             dirs.extend(d);
             if s.is_some() {
                 state = s;
             }
             durable |= du;
             done.extend(dn);
+        };
+        take(first, &mut done);
+        // Gather what arrives until the interval is up (or someone waits).
+        let not_before = last_flush.map(|at| at + MIN_INTERVAL);
+        while done.is_empty() {
+            let wait = not_before.map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(Instant::now())
+            });
+            match rx.recv_timeout(wait) {
+                Ok(record) => take(record, &mut done),
+                Err(RecvTimeoutError::Timeout) => break,
+                // The applier is gone: flush what there is, then stop.
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
         }
+        while let Ok(record) = rx.try_recv() {
+            take(record, &mut done);
+        }
+        last_flush = Some(Instant::now());
         let mut ok = true;
         for dir in &dirs {
             match File::open(dir).and_then(|f| f.sync_all()) {
