@@ -237,6 +237,31 @@ async fn same_answers_on_every_host() {
         json!({"alpha": 100, "beta": 100, "gamma": 100})
     );
     assert_eq!(r["hits"].as_array().unwrap().len(), 20);
+    // Facet counts on request: `facets=` asks for none, `facets=tag` for one.
+    let (_, r) = search(&a, &[("q", "*"), ("facets", "")]).await;
+    assert_eq!(r["facets"], json!({}));
+    let (_, r) = search(&a, &[("q", "*"), ("facets", "tag")]).await;
+    assert_eq!(r["facets"]["tag"]["gamma"], 100);
+    // Only keys: no fields, no snippets, the same hits in the same order.
+    let (_, full) = search(&a, &[("q", "lazy fox")]).await;
+    let (_, keys) = search(
+        &a,
+        &[("q", "lazy fox"), ("fields", ""), ("highlight", "false")],
+    )
+    .await;
+    assert!(full["total"].as_u64().unwrap() > 0);
+    assert_eq!(keys["total"], full["total"]);
+    let key_and_score = |v: &Value| -> Vec<(Value, Value)> {
+        v["hits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| (h["key"].clone(), h["score"].clone()))
+            .collect()
+    };
+    assert_eq!(key_and_score(&keys), key_and_score(&full));
+    assert_eq!(keys["hits"][0]["fields"], json!({}));
+    assert!(keys["hits"][0].get("snippets").is_none());
     let (_, r) = search(&a, &[("q", "lazy")]).await;
     let hit = &r["hits"][0];
     assert!(hit["score"].as_f64().unwrap() > 0.0);
@@ -332,6 +357,7 @@ async fn bad_values_and_bad_queries() {
         (vec![("q", "x"), ("limit", "-1")], "whole number"),
         (vec![("q", "x"), ("offset", "99999999")], "max_offset"),
         (vec![("q", "x"), ("colour", "red")], "unknown parameter"),
+        (vec![("q", "x"), ("facets", "year")], "not a facet field"),
     ];
     for (q, needle) in bad {
         let (s, body) = search(&b, &q).await;
@@ -359,7 +385,7 @@ async fn bad_values_and_bad_queries() {
     assert_eq!(
         b.metric("tandem_search_queries_total{index=\"docs\",outcome=\"bad_request\"}")
             .await,
-        Some(11.0)
+        Some(12.0)
     );
     // Nothing else was disturbed.
     assert_eq!(total(&b, "*").await, Some(12));

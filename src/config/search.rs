@@ -54,6 +54,10 @@ pub enum Tokenizer {
     /// Words, lowercased (tantivy's `default`).
     Default,
     /// Words, lowercased, English stemming (tantivy's `en_stem`).
+    EnStem,
+    /// Words, lowercased, English stop words left out, English stemming
+    /// (what PostgreSQL's `english` configuration does); registered by
+    /// tandem as `english`.
     English,
 }
 
@@ -62,7 +66,8 @@ impl Tokenizer {
     pub fn tantivy_name(self) -> &'static str {
         match self {
             Tokenizer::Default => "default",
-            Tokenizer::English => "en_stem",
+            Tokenizer::EnStem => "en_stem",
+            Tokenizer::English => "english",
         }
     }
 }
@@ -329,7 +334,8 @@ fn parse_field(index: &str, j: usize, t: &toml::Table) -> Result<FieldSpec, Conf
     }
     let tokenizer = match get_str(t, "tokenizer", &at)?.as_deref() {
         None | Some("default") => Tokenizer::Default,
-        Some("en_stem" | "english") if kind == FieldKind::Text => Tokenizer::English,
+        Some("en_stem") if kind == FieldKind::Text => Tokenizer::EnStem,
+        Some("english") if kind == FieldKind::Text => Tokenizer::English,
         Some(_) if kind != FieldKind::Text => {
             return Err(ConfigError::key(
                 at("tokenizer"),
@@ -339,7 +345,7 @@ fn parse_field(index: &str, j: usize, t: &toml::Table) -> Result<FieldSpec, Conf
         Some(other) => {
             return Err(ConfigError::key(
                 at("tokenizer"),
-                format!("{other:?} is not \"default\" or \"en_stem\""),
+                format!("{other:?} is not \"default\", \"en_stem\" or \"english\""),
             ));
         }
     };
@@ -389,7 +395,7 @@ mod tests {
         let i = &c.indexes[0];
         assert_eq!(i.cache, "pages");
         assert_eq!(i.fields[0].pointer, "/title");
-        assert_eq!(i.fields[0].tokenizer, Tokenizer::English);
+        assert_eq!(i.fields[0].tokenizer, Tokenizer::EnStem);
         assert!(i.fields[1].facet && i.fields[1].fast);
         assert!(!i.fields[2].stored);
         assert_eq!(c.commit_interval, Duration::from_millis(200));

@@ -131,6 +131,14 @@ fn parse_request(
                 };
                 req.sort = Some((field.to_string(), order));
             }
+            "facets" => {
+                req.facets = Some(
+                    v.split(',')
+                        .map(|f| f.trim().to_string())
+                        .filter(|f| !f.is_empty())
+                        .collect(),
+                )
+            }
             "highlight" => {
                 req.highlight = match v.as_str() {
                     "true" | "1" => true,
@@ -147,7 +155,7 @@ fn parse_request(
                 return Err(ApiError::bad_request(
                     "invalid_query",
                     format!(
-                        "unknown parameter {other:?} (known: q, limit, offset, filter, sort, fields, highlight)"
+                        "unknown parameter {other:?} (known: q, limit, offset, filter, sort, fields, facets, highlight)"
                     ),
                 ));
             }

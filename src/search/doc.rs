@@ -16,6 +16,33 @@ use crate::config::search::{FieldKind, FieldSpec, IndexSpec};
 /// The key field's name.
 pub const KEY_FIELD: &str = "_key";
 
+/// English stop words: the list Lucene's English analyzer (and tantivy)
+/// leaves out.
+const ENGLISH_STOP_WORDS: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "but", "by", "for", "if", "in", "into", "is", "it",
+    "no", "not", "of", "on", "or", "such", "that", "the", "their", "then", "there", "these",
+    "they", "this", "to", "was", "will", "with",
+];
+
+/// Registers the tokenizers tandem adds to tantivy's (`english`) with an
+/// index; to be called on every index opened or created, before it is
+/// written or searched.
+pub fn register_tokenizers(index: &tantivy::Index) {
+    use tantivy::tokenizer::{
+        Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter,
+        TextAnalyzer,
+    };
+    let english = TextAnalyzer::builder(SimpleTokenizer::default())
+        .filter(RemoveLongFilter::limit(40))
+        .filter(LowerCaser)
+        .filter(StopWordFilter::remove(
+            ENGLISH_STOP_WORDS.iter().map(|w| w.to_string()),
+        ))
+        .filter(Stemmer::new(Language::English))
+        .build();
+    index.tokenizers().register("english", english);
+}
+
 /// The facet field that goes with a field.
 pub fn facet_field_name(field: &str) -> String {
     format!("_facet_{field}")
@@ -234,6 +261,42 @@ mod tests {
     use super::*;
     use crate::config::search::Tokenizer;
     use tantivy::schema::Value;
+
+    #[test]
+    fn the_english_tokenizer_stems_and_leaves_out_stop_words() {
+        let mut spec_field = field("body", FieldKind::Text);
+        spec_field.tokenizer = Tokenizer::English;
+        let spec = IndexSpec {
+            name: "p".into(),
+            cache: "p".into(),
+            fields: vec![spec_field],
+        };
+        let index = tantivy::Index::create_in_ram(schema(&spec));
+        register_tokenizers(&index);
+        let body = index.schema().get_field("body").unwrap();
+        let mut w: tantivy::IndexWriter = index.writer(15_000_000).unwrap();
+        for text in ["The runner is running to the river", "a quiet stone"] {
+            let mut d = TantivyDocument::default();
+            d.add_text(body, text);
+            w.add_document(d).unwrap();
+        }
+        w.commit().unwrap();
+        let searcher = index.reader().unwrap().searcher();
+        let parser = tantivy::query::QueryParser::for_index(&index, vec![body]);
+        let count = |q: &str| {
+            searcher
+                .search(&*parser.parse_query(q).unwrap(), &tantivy::collector::Count)
+                .unwrap()
+        };
+        assert_eq!(count("runs"), 1, "stemmed");
+        assert_eq!(count("the"), 0, "a stop word matches nothing");
+        assert_eq!(
+            count("\"running to the river\""),
+            1,
+            "phrases skip stop words"
+        );
+        assert_eq!(count("\"runner river\""), 0, "positions still count");
+    }
 
     fn field(name: &str, kind: FieldKind) -> FieldSpec {
         FieldSpec {

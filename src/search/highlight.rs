@@ -51,7 +51,7 @@ pub fn generator(
     let stemmed = match schema.get_field_entry(field).field_type() {
         FieldType::Str(o) => o
             .get_indexing_options()
-            .is_some_and(|i| i.tokenizer() == "en_stem"),
+            .is_some_and(|i| matches!(i.tokenizer(), "en_stem" | "english")),
         _ => false,
     };
     let analyzer = if stemmed {

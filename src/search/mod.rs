@@ -18,6 +18,7 @@
 //!   the cache directory.
 //! - Searches ([`query`]) run on the HTTP workers against the live reader.
 
+mod anyfield;
 pub mod doc;
 mod highlight;
 pub mod metrics;
@@ -220,6 +221,7 @@ fn open_current(root: &Path, spec: &IndexSpec, generation: &str) -> Opened {
         Ok(i) => i,
         Err(e) => return corrupt(e.to_string()),
     };
+    doc::register_tokenizers(&index);
     let payload = match index.load_metas() {
         Ok(m) => m
             .payload

@@ -28,6 +28,8 @@ pub struct Request {
     pub highlight: bool,
     /// The stored fields to return (`None`: all).
     pub fields: Option<Vec<String>>,
+    /// The facet fields to count (`None`: every one the index has).
+    pub facets: Option<Vec<String>>,
 }
 
 /// Snippets are made from at most this much of a field's text: a window
@@ -193,9 +195,11 @@ fn build_query(live: &Live, req: &Request) -> Result<Box<dyn Query>, SearchError
     let main: Box<dyn Query> = if q.is_empty() || q == "*" {
         Box::new(AllQuery)
     } else {
-        live.parser
-            .parse_query(q)
-            .map_err(|e| SearchError::BadRequest(format!("bad query: {e}")))?
+        super::anyfield::rewrite(
+            live.parser
+                .parse_query(q)
+                .map_err(|e| SearchError::BadRequest(format!("bad query: {e}")))?,
+        )
     };
     if req.filters.is_empty() {
         return Ok(main);
@@ -334,11 +338,21 @@ pub fn run(ix: &SearchIndex, req: &Request) -> Result<Answer, SearchError> {
     let schema = live.index.schema();
     let query = build_query(&live, req)?;
     let searcher = live.reader.searcher();
+    if let Some(asked) = &req.facets
+        && let Some(bad) = asked
+            .iter()
+            .find(|name| !ix.spec.fields.iter().any(|f| f.facet && &f.name == *name))
+    {
+        return Err(SearchError::BadRequest(format!(
+            "facets={bad}: not a facet field of this index (mark it facet = true in its config)"
+        )));
+    }
     let facets: Vec<(String, Field)> = ix
         .spec
         .fields
         .iter()
         .filter(|f| f.facet)
+        .filter(|f| req.facets.as_ref().is_none_or(|a| a.contains(&f.name)))
         .filter_map(|f| {
             schema
                 .get_field(&facet_field_name(&f.name))

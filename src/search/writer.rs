@@ -28,6 +28,9 @@ use crate::metrics::Metrics;
 /// Keys read from the cache directory between two looks at the channel.
 const BUILD_CHUNK: usize = 256;
 
+/// Bytes per block of stored documents (tantivy's default: 16 KiB).
+const DOCSTORE_BLOCK_BYTES: usize = 4096;
+
 /// An index open for writing.
 struct Target {
     index: Index,
@@ -374,11 +377,13 @@ impl Writer {
         let result = (|| -> Result<Build, String> {
             let (dir, path) = self.new_dir().map_err(|e| e.to_string())?;
             let schema = schema(&self.ix.spec);
-            // Stored documents uncompressed: each hit of a search reads its
-            // document, and decompressing a 16 KiB block per hit cost more
-            // than the disk it saves.
+            // Stored documents uncompressed, in small blocks: each hit of a
+            // search reads its document's whole block, and decompressing (or
+            // copying) a 16 KiB block per hit cost more than the disk it
+            // saves.
             let settings = IndexSettings {
                 docstore_compression: Compressor::None,
+                docstore_blocksize: DOCSTORE_BLOCK_BYTES,
                 ..IndexSettings::default()
             };
             let index = Index::builder()
@@ -386,6 +391,7 @@ impl Writer {
                 .settings(settings)
                 .create_in_dir(&path)
                 .map_err(|e| e.to_string())?;
+            super::doc::register_tokenizers(&index);
             let writer = index
                 .writer_with_num_threads(1, self.memory)
                 .map_err(|e| e.to_string())?;
