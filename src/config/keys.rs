@@ -103,7 +103,7 @@ pub const KEYS: &[Key] = &[
     key("sync", "max_lag", Kind::Str, "10s"),
     key("sync", "retain", Kind::Str, "2d"),
     key("sync", "max_retain", Kind::Str, "7d"),
-    key("sync", "prune_interval", Kind::Str, "1m"),
+    key("sync", "prune_interval", Kind::Str, "5m"),
     key("sync", "prune_batch", Kind::Int, "10000"),
     key("cluster", "heartbeat_interval", Kind::Str, "5s"),
     key("cluster", "stale_after", Kind::Int, "3"),

@@ -407,7 +407,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         max_lag: duration("sync.max_lag", s.max_lag, "10s")?,
         retain: duration("sync.retain", s.retain, "2d")?,
         max_retain: duration("sync.max_retain", s.max_retain, "7d")?,
-        prune_interval: duration("sync.prune_interval", s.prune_interval, "1m")?,
+        prune_interval: duration("sync.prune_interval", s.prune_interval, "5m")?,
         prune_batch: int_in("sync.prune_batch", s.prune_batch, 10_000, 1, 1_000_000)? as u32,
     };
     if sync.poll_interval < Duration::from_millis(10) {
