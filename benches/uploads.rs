@@ -18,8 +18,10 @@
 //! in the store and registered), then `GET /v1/uploads/{id}` on B, read to
 //! the end: B has not applied the registration yet, looks it up in the
 //! database, fetches the object into its local copy, verifies size and
-//! sha256 and serves it. A floor round is `put` then `get` + read to the end
-//! with the same crate on the same store.
+//! sha256 and serves it; B's second read of it (from its local copy, not
+//! part of the round) shows what serving alone costs. A floor round is
+//! `put` then `get` + read to the end with the same crate on the same
+//! store.
 //!
 //! Environment: BENCH_STORES, BENCH_SMALL, BENCH_LARGE,
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
@@ -92,8 +94,14 @@ async fn store(kind: &str, root: &Path) -> Store {
     }
 }
 
-/// One tandem round: the upload's and the read's durations.
-async fn tandem_round(client: &reqwest::Client, a: &Host, b: &Host, body: Bytes) -> (f64, f64) {
+/// One tandem round: the upload's and the read's durations, and a second
+/// read's (untimed by the round's total).
+async fn tandem_round(
+    client: &reqwest::Client,
+    a: &Host,
+    b: &Host,
+    body: Bytes,
+) -> (f64, f64, f64) {
     let len = body.len();
     let t0 = Instant::now();
     let r = client
@@ -125,6 +133,19 @@ async fn tandem_round(client: &reqwest::Client, a: &Host, b: &Host, body: Bytes)
     }
     assert_eq!(n, len);
     let down = t1.elapsed().as_secs_f64();
+    // Again, from B's local copy: what serving costs without the fetch.
+    let t2 = Instant::now();
+    let mut r = client
+        .get(b.url(&format!("/v1/uploads/{id}")))
+        .send()
+        .await
+        .unwrap();
+    let mut n = 0;
+    while let Some(c) = r.chunk().await.unwrap() {
+        n += c.len();
+    }
+    assert_eq!(n, len);
+    let again = t2.elapsed().as_secs_f64();
     // Deleting keeps the store and the local copies from filling the disk;
     // it is not timed.
     let r = client
@@ -133,7 +154,7 @@ async fn tandem_round(client: &reqwest::Client, a: &Host, b: &Host, body: Bytes)
         .await
         .unwrap();
     assert!(r.status().is_success());
-    (up, down)
+    (up, down, again)
 }
 
 /// One floor round: put, then get and read to the end.
@@ -202,12 +223,13 @@ async fn bench_store(pg: &Pg, kind: &str) {
     for (size, rounds) in [(MIB, small), (100 * MIB, large)] {
         let body = random_bytes(size, size as u64);
         let (mut t_total, mut f_total) = (Vec::new(), Vec::new());
-        let (mut t_up, mut t_down, mut f_up, mut f_down) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut t_up, mut t_down, mut t_again, mut f_up, mut f_down) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..rounds {
-            let (u, d) = tandem_round(&client, &a, &b, body.clone()).await;
+            let (u, d, again) = tandem_round(&client, &a, &b, body.clone()).await;
             t_up.push(u);
             t_down.push(d);
+            t_again.push(again);
             t_total.push(u + d);
             let (u, d) = floor_round(st.floor.as_ref(), i, body.clone()).await;
             f_up.push(u);
@@ -222,6 +244,7 @@ async fn bench_store(pg: &Pg, kind: &str) {
         println!("{l}");
         println!("{}", line("  upload on A", t_up).1);
         println!("{}", line("  read on B", t_down).1);
+        println!("{}", line("  (read on B again: local)", t_again).1);
         let (fp50, l) = line("floor put+get", f_total);
         println!("{l}");
         println!("{}", line("  put", f_up).1);
