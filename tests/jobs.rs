@@ -74,18 +74,27 @@ async fn misfire_policies_after_downtime() {
     let db = TestDb::new().await;
     let root = tempdir();
     let recorder = Recorder::start().await;
+    // The period is long against the restart, so that the restarted host's
+    // first look at the schedule falls between two scheduled times (a
+    // missed time is then older than the grace and no on-time run covers
+    // it), however long its start takes on a busy machine (up to ~6 s).
+    let period_ms = 8_000i64;
     let config = format!(
-        "[[jobs]]\nname = \"catch-up\"\nevery = \"2s\"\nmisfire = \"run-once\"\nhttp = {{ url = \"{ok}\" }}\n\n\
-         [[jobs]]\nname = \"forget\"\nevery = \"2s\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n",
+        "[[jobs]]\nname = \"catch-up\"\nevery = \"8s\"\nmisfire = \"run-once\"\nhttp = {{ url = \"{ok}\" }}\n\n\
+         [[jobs]]\nname = \"forget\"\nevery = \"8s\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n",
         ok = recorder.url("/ok")
     );
     let mut host = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
-    eventually("both jobs ran", Duration::from_secs(10), || async {
+    eventually("both jobs ran", Duration::from_secs(20), || async {
         !recorder.calls_of("catch-up").is_empty() && !recorder.calls_of("forget").is_empty()
     })
     .await;
     host.stop().await;
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // Down over the next scheduled time, back 1.2 s after it (the database
+    // runs on this machine's clock).
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let back = (now_ms.div_euclid(period_ms) + 1) * period_ms + 1_200;
+    tokio::time::sleep(Duration::from_millis((back - now_ms) as u64)).await;
     host.spawn().await;
     // Generous: the restarted host must start, win the lease and run the
     // jobs, on a CI machine that runs the other job tests meanwhile.
