@@ -121,30 +121,11 @@ async fn tandem_round(
     let up = t0.elapsed().as_secs_f64();
     let id = meta["id"].as_str().unwrap().to_string();
     let t1 = Instant::now();
-    let mut r = client
-        .get(b.url(&format!("/v1/uploads/{id}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let mut n = 0;
-    while let Some(c) = r.chunk().await.unwrap() {
-        n += c.len();
-    }
-    assert_eq!(n, len);
+    assert_eq!(read_upload(client, b, &id).await, len as u64);
     let down = t1.elapsed().as_secs_f64();
     // Again, from B's local copy: what serving costs without the fetch.
     let t2 = Instant::now();
-    let mut r = client
-        .get(b.url(&format!("/v1/uploads/{id}")))
-        .send()
-        .await
-        .unwrap();
-    let mut n = 0;
-    while let Some(c) = r.chunk().await.unwrap() {
-        n += c.len();
-    }
-    assert_eq!(n, len);
+    assert_eq!(read_upload(client, b, &id).await, len as u64);
     let again = t2.elapsed().as_secs_f64();
     // Deleting keeps the store and the local copies from filling the disk;
     // it is not timed.
@@ -155,6 +136,22 @@ async fn tandem_round(
         .unwrap();
     assert!(r.status().is_success());
     (up, down, again)
+}
+
+/// `GET /v1/uploads/{id}` on `host`, read to the end (not kept): the
+/// bytes read.
+async fn read_upload(client: &reqwest::Client, host: &Host, id: &str) -> u64 {
+    let mut r = client
+        .get(host.url(&format!("/v1/uploads/{id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut n = 0u64;
+    while let Some(c) = r.chunk().await.unwrap() {
+        n += c.len() as u64;
+    }
+    n
 }
 
 /// One floor round: put, then get and read to the end.
@@ -285,17 +282,8 @@ async fn memory(client: &reqwest::Client, a: &Host, b: &Host) {
     let growth_a = kib_of(pa, "VmHWM:").saturating_sub(before_a) / 1024;
     let before_b = kib_of(pb, "VmRSS:");
     let t1 = Instant::now();
-    let mut r = client
-        .get(b.url(&format!("/v1/uploads/{}", meta["id"].as_str().unwrap())))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let mut n = 0u64;
-    while let Some(c) = r.chunk().await.unwrap() {
-        n += c.len() as u64;
-    }
-    assert_eq!(n, 1u64 << 30);
+    let id = meta["id"].as_str().unwrap();
+    assert_eq!(read_upload(client, b, id).await, 1u64 << 30);
     let down = t1.elapsed().as_secs_f64();
     let growth_b = kib_of(pb, "VmHWM:").saturating_sub(before_b) / 1024;
     println!("   1 GiB upload: {up:.1} s on A, read on B {down:.1} s");
@@ -303,7 +291,7 @@ async fn memory(client: &reqwest::Client, a: &Host, b: &Host) {
         "      peak RSS growth: A (upload) {growth_a} MiB, B (fetch + serve) {growth_b} MiB (target <= 64 MiB)"
     );
     let r = client
-        .delete(a.url(&format!("/v1/uploads/{}", meta["id"].as_str().unwrap())))
+        .delete(a.url(&format!("/v1/uploads/{id}")))
         .send()
         .await
         .unwrap();

@@ -80,8 +80,8 @@ async fn misfire_policies_after_downtime() {
     // it), however long its start takes on a busy machine (up to ~6 s).
     let period_ms = 8_000i64;
     let config = format!(
-        "[[jobs]]\nname = \"catch-up\"\nevery = \"8s\"\nmisfire = \"run-once\"\nhttp = {{ url = \"{ok}\" }}\n\n\
-         [[jobs]]\nname = \"forget\"\nevery = \"8s\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n",
+        "[[jobs]]\nname = \"catch-up\"\nevery = \"{period_ms}ms\"\nmisfire = \"run-once\"\nhttp = {{ url = \"{ok}\" }}\n\n\
+         [[jobs]]\nname = \"forget\"\nevery = \"{period_ms}ms\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n",
         ok = recorder.url("/ok")
     );
     let mut host = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
