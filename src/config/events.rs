@@ -23,9 +23,9 @@ pub struct EventsConfig {
 }
 
 pub(super) fn validate(raw: RawEvents) -> Result<EventsConfig, ConfigError> {
-    let window = int_in("events.window", raw.window, 10_000, 1, 1_000_000)? as usize;
-    let buffer = int_in("events.buffer", raw.buffer, 4096, 16, 1_000_000)? as usize;
-    let heartbeat = duration("events.heartbeat", raw.heartbeat, "15s")?;
+    let window = int_in("events.window", raw.window, 1, 1_000_000)? as usize;
+    let buffer = int_in("events.buffer", raw.buffer, 16, 1_000_000)? as usize;
+    let heartbeat = duration("events.heartbeat", raw.heartbeat)?;
     if !(Duration::from_secs(1)..=Duration::from_secs(300)).contains(&heartbeat) {
         return Err(ConfigError::key(
             "events.heartbeat",
@@ -46,9 +46,8 @@ pub(super) fn validate(raw: RawEvents) -> Result<EventsConfig, ConfigError> {
             ));
         }
     }
-    let webhook_batch =
-        int_in("events.webhook_batch", raw.webhook_batch, 500, 1, 100_000)? as usize;
-    let webhook_timeout = duration("events.webhook_timeout", raw.webhook_timeout, "5s")?;
+    let webhook_batch = int_in("events.webhook_batch", raw.webhook_batch, 1, 100_000)? as usize;
+    let webhook_timeout = duration("events.webhook_timeout", raw.webhook_timeout)?;
     if webhook_timeout.is_zero() {
         return Err(ConfigError::key(
             "events.webhook_timeout",

@@ -22,7 +22,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use raw::{Raw, check_known, overlay_env, type_error};
-use units::{duration, int_in, size};
+use units::{duration, flag, int_in, size};
 
 /// Where an installed tandem looks for its config when none is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/tandem/tandem.toml";
@@ -336,7 +336,7 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         url: url.map(Secret::new),
         password,
         schema,
-        connect_timeout: duration("database.connect_timeout", db.connect_timeout, "5s")?,
+        connect_timeout: duration("database.connect_timeout", db.connect_timeout)?,
         embedded_bin_dir: nonempty_path(db.embedded_bin_dir),
         embedded_user: nonempty(db.embedded_user),
     };
@@ -373,14 +373,14 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         Some(p) => Some(read_secret_file("api.token_file", &p)?),
         None => None,
     };
-    let max_value_size = size("api.max_value_size", api.max_value_size, 16 << 20)?;
+    let max_value_size = size("api.max_value_size", api.max_value_size)?;
     if !(1..=(1u64 << 30)).contains(&max_value_size) {
         return Err(ConfigError::key(
             "api.max_value_size",
             "must be between 1 byte and 1GiB",
         ));
     }
-    let max_batch_size = size("api.max_batch_size", api.max_batch_size, 64 << 20)?;
+    let max_batch_size = size("api.max_batch_size", api.max_batch_size)?;
     if max_batch_size < max_value_size {
         return Err(ConfigError::key(
             "api.max_batch_size",
@@ -393,22 +393,21 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
         unix_socket_mode,
         token,
         max_value_size,
-        max_batch_ops: int_in("api.max_batch_ops", api.max_batch_ops, 10_000, 1, 1_000_000)?
-            as usize,
+        max_batch_ops: int_in("api.max_batch_ops", api.max_batch_ops, 1, 1_000_000)? as usize,
         max_batch_size,
-        max_wait: duration("api.max_wait", api.max_wait, "30s")?,
-        read_cache_size: size("api.read_cache_size", api.read_cache_size, 64 << 20)?,
+        max_wait: duration("api.max_wait", api.max_wait)?,
+        read_cache_size: size("api.read_cache_size", api.read_cache_size)?,
     };
 
     let s = raw.sync;
     let sync = SyncConfig {
-        poll_interval: duration("sync.poll_interval", s.poll_interval, "2s")?,
-        batch_size: int_in("sync.batch_size", s.batch_size, 1000, 1, 100_000)? as u32,
-        max_lag: duration("sync.max_lag", s.max_lag, "10s")?,
-        retain: duration("sync.retain", s.retain, "2d")?,
-        max_retain: duration("sync.max_retain", s.max_retain, "7d")?,
-        prune_interval: duration("sync.prune_interval", s.prune_interval, "5m")?,
-        prune_batch: int_in("sync.prune_batch", s.prune_batch, 10_000, 1, 1_000_000)? as u32,
+        poll_interval: duration("sync.poll_interval", s.poll_interval)?,
+        batch_size: int_in("sync.batch_size", s.batch_size, 1, 100_000)? as u32,
+        max_lag: duration("sync.max_lag", s.max_lag)?,
+        retain: duration("sync.retain", s.retain)?,
+        max_retain: duration("sync.max_retain", s.max_retain)?,
+        prune_interval: duration("sync.prune_interval", s.prune_interval)?,
+        prune_batch: int_in("sync.prune_batch", s.prune_batch, 1, 1_000_000)? as u32,
     };
     if sync.poll_interval < Duration::from_millis(10) {
         return Err(ConfigError::key(
@@ -431,9 +430,9 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
 
     let c = raw.cluster;
     let cluster = ClusterConfig {
-        heartbeat_interval: duration("cluster.heartbeat_interval", c.heartbeat_interval, "5s")?,
-        stale_after: int_in("cluster.stale_after", c.stale_after, 3, 2, 100)? as u32,
-        forget_after: duration("cluster.forget_after", c.forget_after, "7d")?,
+        heartbeat_interval: duration("cluster.heartbeat_interval", c.heartbeat_interval)?,
+        stale_after: int_in("cluster.stale_after", c.stale_after, 2, 100)? as u32,
+        forget_after: duration("cluster.forget_after", c.forget_after)?,
     };
     if cluster.heartbeat_interval < Duration::from_millis(100) {
         return Err(ConfigError::key(
@@ -443,8 +442,8 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
     }
 
     let leader = LeaderConfig {
-        lease: duration("leader.lease", raw.leader.lease, "10s")?,
-        eligible: raw.leader.eligible.unwrap_or(true),
+        lease: duration("leader.lease", raw.leader.lease)?,
+        eligible: flag("leader.eligible", raw.leader.eligible),
     };
     if !(Duration::from_secs(2)..=Duration::from_secs(300)).contains(&leader.lease) {
         return Err(ConfigError::key(
@@ -454,8 +453,8 @@ fn validate(raw: Raw, env: &HashMap<String, String>) -> Result<Config, ConfigErr
     }
     let sc = raw.scheduler;
     let scheduler = SchedulerConfig {
-        history_retain: duration("scheduler.history_retain", sc.history_retain, "7d")?,
-        output_tail: size("scheduler.output_tail", sc.output_tail, 4096)? as usize,
+        history_retain: duration("scheduler.history_retain", sc.history_retain)?,
+        output_tail: size("scheduler.output_tail", sc.output_tail)? as usize,
     };
     if scheduler.output_tail > 1 << 20 {
         return Err(ConfigError::key(
@@ -532,6 +531,13 @@ mod tests {
         assert_eq!(c.sync.retain, Duration::from_secs(2 * 86400));
         assert_eq!(c.cluster.stale_after, 3);
         assert_eq!(c.api.unix_socket_mode, 0o660);
+        // Defaults of each kind come from the key table.
+        assert!(c.leader.eligible);
+        assert!(!c.uploads.mirror);
+        assert_eq!(c.uploads.max_size, 5 << 30);
+        assert_eq!(c.scheduler.output_tail, 4096);
+        assert_eq!(c.search.commit_interval, Duration::from_millis(200));
+        assert_eq!(c.events.window, 10_000);
     }
 
     #[test]

@@ -132,16 +132,16 @@ pub struct SearchConfig {
 }
 
 pub(super) fn validate(raw: RawSearch) -> Result<SearchConfig, ConfigError> {
-    let commit_interval = duration("search.commit_interval", raw.commit_interval, "200ms")?;
+    let commit_interval = duration("search.commit_interval", raw.commit_interval)?;
     if !(Duration::from_millis(1)..=Duration::from_secs(60)).contains(&commit_interval) {
         return Err(ConfigError::key(
             "search.commit_interval",
             "must be between 1ms and 60s",
         ));
     }
-    let max_limit = int_in("search.max_limit", raw.max_limit, 100, 1, 10_000)? as usize;
-    let max_offset = int_in("search.max_offset", raw.max_offset, 10_000, 1, 1_000_000)? as usize;
-    let writer_memory = size("search.writer_memory", raw.writer_memory, 64 << 20)?;
+    let max_limit = int_in("search.max_limit", raw.max_limit, 1, 10_000)? as usize;
+    let max_offset = int_in("search.max_offset", raw.max_offset, 1, 1_000_000)? as usize;
+    let writer_memory = size("search.writer_memory", raw.writer_memory)?;
     if !((16 << 20)..=(4u64 << 30)).contains(&writer_memory) {
         return Err(ConfigError::key(
             "search.writer_memory",

@@ -48,34 +48,48 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {text:?} is too large"))
 }
 
-/// A key's duration, or its default (written as in the docs).
-pub(super) fn duration(
-    key: &str,
-    value: Option<String>,
-    default: &str,
-) -> Result<Duration, ConfigError> {
-    let text = value.unwrap_or_else(|| default.to_string());
-    parse_duration(&text).map_err(|e| ConfigError::key(key, e))
+/// The documented default of `key` (`section.name`), from the key table,
+/// so that a default is written in one place only.
+fn default_of(key: &str) -> &'static str {
+    let found = super::keys::KEYS.iter().find(|k| k.path() == key);
+    found
+        .unwrap_or_else(|| panic!("{key} is not in the key table"))
+        .default
 }
 
-/// A key's byte size, or its default.
-pub(super) fn size(key: &str, value: Option<SizeValue>, default: u64) -> Result<u64, ConfigError> {
+/// A key's duration, or its documented default.
+pub(super) fn duration(key: &str, value: Option<String>) -> Result<Duration, ConfigError> {
+    let text = value.as_deref().unwrap_or_else(|| default_of(key));
+    parse_duration(text).map_err(|e| ConfigError::key(key, e))
+}
+
+/// A key's byte size, or its documented default.
+pub(super) fn size(key: &str, value: Option<SizeValue>) -> Result<u64, ConfigError> {
     match value {
-        None => Ok(default),
+        None => parse_size(default_of(key)).map_err(|e| ConfigError::key(key, e)),
         Some(SizeValue::Int(n)) => Ok(n),
         Some(SizeValue::Text(t)) => parse_size(&t).map_err(|e| ConfigError::key(key, e)),
     }
 }
 
-/// A key's integer within `min..=max`, or its default.
+/// A key's `true`/`false`, or its documented default.
+pub(super) fn flag(key: &str, value: Option<bool>) -> bool {
+    value.unwrap_or_else(|| default_of(key) == "true")
+}
+
+/// A key's integer within `min..=max`, or its documented default.
 pub(super) fn int_in(
     key: &str,
     value: Option<i64>,
-    default: i64,
     min: i64,
     max: i64,
 ) -> Result<i64, ConfigError> {
-    let v = value.unwrap_or(default);
+    let v = match value {
+        Some(v) => v,
+        None => default_of(key)
+            .parse()
+            .map_err(|e| ConfigError::key(key, format!("default: {e}")))?,
+    };
     if v < min || v > max {
         return Err(ConfigError::key(
             key,
@@ -87,7 +101,21 @@ pub(super) fn int_in(
 
 #[cfg(test)]
 mod tests {
+    use super::super::keys::{KEYS, Kind};
     use super::*;
+
+    #[test]
+    fn every_typed_default_in_the_key_table_parses() {
+        for k in KEYS {
+            let ok = match k.kind {
+                Kind::Size => parse_size(k.default).is_ok(),
+                Kind::Int => k.default.parse::<i64>().is_ok(),
+                Kind::Bool => matches!(k.default, "true" | "false"),
+                Kind::Str => true,
+            };
+            assert!(ok, "{}: default {:?}", k.path(), k.default);
+        }
+    }
 
     #[test]
     fn durations() {

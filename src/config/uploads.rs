@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::raw::RawUploads;
-use super::units::{duration, size};
+use super::units::{duration, flag, size};
 use super::{ConfigError, Secret, nonempty, nonempty_path, read_secret_file};
 
 /// Which kind of object store `uploads.store` names.
@@ -50,18 +50,18 @@ pub(super) fn validate(raw: RawUploads, data_dir: &Path) -> Result<UploadsConfig
     if !dir.is_absolute() {
         return Err(ConfigError::key("uploads.dir", "must be an absolute path"));
     }
-    let ttl = duration("uploads.ttl", raw.ttl, "24h")?;
+    let ttl = duration("uploads.ttl", raw.ttl)?;
     if ttl < Duration::from_secs(1) {
         return Err(ConfigError::key("uploads.ttl", "must be at least 1s"));
     }
-    let max_size = size("uploads.max_size", raw.max_size, 5 << 30)?;
+    let max_size = size("uploads.max_size", raw.max_size)?;
     if max_size == 0 {
         return Err(ConfigError::key(
             "uploads.max_size",
             "must be at least 1 byte",
         ));
     }
-    let expire_every = duration("uploads.expire_every", raw.expire_every, "1m")?;
+    let expire_every = duration("uploads.expire_every", raw.expire_every)?;
     if expire_every < Duration::from_millis(500) {
         return Err(ConfigError::key(
             "uploads.expire_every",
@@ -78,15 +78,15 @@ pub(super) fn validate(raw: RawUploads, data_dir: &Path) -> Result<UploadsConfig
         dir,
         ttl,
         max_size,
-        mirror: raw.mirror.unwrap_or(false),
-        local_cache_size: size("uploads.local_cache_size", raw.local_cache_size, 10 << 30)?,
+        mirror: flag("uploads.mirror", raw.mirror),
+        local_cache_size: size("uploads.local_cache_size", raw.local_cache_size)?,
         expire_every,
-        abandon_after: duration("uploads.abandon_after", raw.abandon_after, "1h")?,
+        abandon_after: duration("uploads.abandon_after", raw.abandon_after)?,
         endpoint: nonempty(raw.endpoint),
         region: nonempty(raw.region),
         access_key_id: nonempty(raw.access_key_id),
         secret_access_key,
-        allow_http: raw.allow_http.unwrap_or(false),
+        allow_http: flag("uploads.allow_http", raw.allow_http),
     })
 }
 
