@@ -12,8 +12,12 @@
 //! written through host A (`POST /v1/batch`, 1,000 per batch) and indexed
 //! by both; figures:
 //! - indexing: documents per second from the first write until host B's
-//!   index holds them all (the whole path: log, apply, index, commit), and
-//!   a rebuild of B's index from its cache directory (indexing alone);
+//!   index holds them all (the whole path: log, apply, index, commit, with
+//!   both hosts applying and indexing every document on the same cores); a
+//!   rebuild of B's index from its cache directory (indexing alone); and B
+//!   catching up alone: stopped while A takes the same documents into a
+//!   second cache and index, then restarted (apply, index, commit on one
+//!   host, as after a restart or a burst of writes);
 //! - apply-to-searchable on another host: a document with a unique word is
 //!   written through A (every 100 ms); the time until a search on B finds it;
 //! - query latency, one client, keep-alive, through tandem's HTTP API, for
@@ -49,17 +53,23 @@ const DOC_DIRS: &[&str] = &["/usr/share/doc/postgresql-doc-15/html"];
 /// the stop words.
 fn config() -> String {
     let tokenizer = std::env::var("BENCH_TOKENIZER").unwrap_or_else(|_| "english".into());
-    format!(
-        r#"
+    // `docs` for every figure but one host's catch-up, which fills `backlog`.
+    ["docs", "backlog"]
+        .iter()
+        .map(|name| {
+            format!(
+                r#"
 [[search.index]]
-name = "docs"
+name = "{name}"
 fields = [
   {{ name = "title", type = "text", tokenizer = "{tokenizer}" }},
   {{ name = "section", type = "string", facet = true }},
   {{ name = "body", type = "text", tokenizer = "{tokenizer}" }},
 ]
 "#
-    )
+            )
+        })
+        .collect()
 }
 
 fn fmt(v: &mut [f64]) -> String {
@@ -257,31 +267,15 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     let root = tempdir();
     let env = [("TANDEM_LOG_LEVEL", "info")];
     let a = Host::start_with_config(&db.url, "a", root.path(), &env, &config()).await;
-    let b = Host::start_with_config(&db.url, "b", root.path(), &env, &config()).await;
+    let mut b = Host::start_with_config(&db.url, "b", root.path(), &env, &config()).await;
     a.wait_ready().await;
     b.wait_ready().await;
 
     // Indexing, end to end.
     let started = Instant::now();
-    for chunk in docs.chunks(1000) {
-        let ops: Vec<Value> = chunk
-            .iter()
-            .map(|d| {
-                json!({"op": "put", "cache": "docs", "key": d.key,
-                       "json": {"title": d.title, "section": d.section, "body": d.body}})
-            })
-            .collect();
-        let r = a
-            .http
-            .post(a.url("/v1/batch"))
-            .json(&json!({ "ops": ops }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    write_docs(&a, "docs", docs).await;
     let written = started.elapsed();
-    wait_docs(&b, docs.len()).await;
+    wait_docs(&b, "docs", docs.len()).await;
     let indexed = started.elapsed();
     println!(
         "indexing   tandem, written through A, searchable on B: {:8.0} docs/s ({:.1} s; writes took {:.1} s)",
@@ -307,6 +301,26 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     println!(
         "           tandem, rebuild from the cache directory:   {:8.0} docs/s",
         docs.len() as f64 / started.elapsed().as_secs_f64()
+    );
+    // Indexing on one host, not shared with another host's: B is stopped
+    // while A takes the same documents into a second cache and index, then
+    // B catches up from the log (apply, index, commit), as a host does after
+    // a restart or a burst of writes.
+    b.stop().await;
+    write_docs(&a, "backlog", docs).await;
+    let started = Instant::now();
+    b.spawn().await;
+    wait_docs(&b, "backlog", docs.len()).await;
+    let took = started.elapsed();
+    let cold = b
+        .metric("tandem_sync_cold_boot_duration_seconds_count")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(cold, 0.0, "host B cold-booted instead of catching up");
+    println!(
+        "           tandem, host B catching up alone (stopped while A took them; from process start): {:8.0} docs/s ({:.1} s)",
+        docs.len() as f64 / took.as_secs_f64(),
+        took.as_secs_f64()
     );
     let client = db.client().await;
     let started = Instant::now();
@@ -440,16 +454,42 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     }
 }
 
-async fn wait_docs(h: &Host, n: usize) {
+/// Writes `docs` into `cache` through `a`, 1,000 per batch.
+async fn write_docs(a: &Host, cache: &str, docs: &[Doc]) {
+    for chunk in docs.chunks(1000) {
+        let ops: Vec<Value> = chunk
+            .iter()
+            .map(|d| {
+                json!({"op": "put", "cache": cache, "key": d.key,
+                       "json": {"title": d.title, "section": d.section, "body": d.body}})
+            })
+            .collect();
+        let r = a
+            .http
+            .post(a.url("/v1/batch"))
+            .json(&json!({ "ops": ops }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+}
+
+/// Waits until `index` on `h` holds `n` documents.
+async fn wait_docs(h: &Host, index: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let s = h.get_json("/v1/search").await;
-        if s["indexes"][0]["status"]["documents"].as_u64() == Some(n as u64) {
+        let documents = s["indexes"]
+            .as_array()
+            .and_then(|ixs| ixs.iter().find(|ix| ix["name"] == index))
+            .and_then(|ix| ix["status"]["documents"].as_u64());
+        if documents == Some(n as u64) {
             return;
         }
         assert!(
             Instant::now() < deadline,
-            "the index never held {n} documents: {s}"
+            "index {index} never held {n} documents: {s}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
