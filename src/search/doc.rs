@@ -29,18 +29,26 @@ const ENGLISH_STOP_WORDS: &[&str] = &[
 /// written or searched.
 pub fn register_tokenizers(index: &tantivy::Index) {
     use tantivy::tokenizer::{
-        Language, LowerCaser, RemoveLongFilter, SimpleTokenizer, Stemmer, StopWordFilter,
-        TextAnalyzer,
+        LowerCaser, RemoveLongFilter, SimpleTokenizer, StopWordFilter, TextAnalyzer,
     };
+
+    use super::stem::CachedEnglishStemmer;
     let english = TextAnalyzer::builder(SimpleTokenizer::default())
         .filter(RemoveLongFilter::limit(40))
         .filter(LowerCaser)
         .filter(StopWordFilter::remove(
             ENGLISH_STOP_WORDS.iter().map(|w| w.to_string()),
         ))
-        .filter(Stemmer::new(Language::English))
+        .filter(CachedEnglishStemmer)
         .build();
     index.tokenizers().register("english", english);
+    // tantivy's own `en_stem`, with the same tokens, stemming remembered.
+    let en_stem = TextAnalyzer::builder(SimpleTokenizer::default())
+        .filter(RemoveLongFilter::limit(40))
+        .filter(LowerCaser)
+        .filter(CachedEnglishStemmer)
+        .build();
+    index.tokenizers().register("en_stem", en_stem);
 }
 
 /// The facet field that goes with a field.

@@ -23,6 +23,7 @@ pub mod doc;
 mod highlight;
 pub mod metrics;
 pub mod query;
+mod stem;
 mod writer;
 
 use std::collections::HashMap;
