@@ -294,7 +294,7 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     loop {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let s = b.get_json("/v1/search").await;
-        if s["indexes"][0]["status"]["rebuilding"].is_null() {
+        if status_of(&s, "docs")["rebuilding"].is_null() {
             break;
         }
     }
@@ -475,16 +475,20 @@ async fn write_docs(a: &Host, cache: &str, docs: &[Doc]) {
     }
 }
 
+/// The status of `index` in an answer of `GET /v1/search` (null if absent).
+fn status_of<'a>(search: &'a Value, index: &str) -> &'a Value {
+    search["indexes"]
+        .as_array()
+        .and_then(|ixs| ixs.iter().find(|ix| ix["name"] == index))
+        .map_or(&Value::Null, |ix| &ix["status"])
+}
+
 /// Waits until `index` on `h` holds `n` documents.
 async fn wait_docs(h: &Host, index: &str, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let s = h.get_json("/v1/search").await;
-        let documents = s["indexes"]
-            .as_array()
-            .and_then(|ixs| ixs.iter().find(|ix| ix["name"] == index))
-            .and_then(|ix| ix["status"]["documents"].as_u64());
-        if documents == Some(n as u64) {
+        if status_of(&s, index)["documents"].as_u64() == Some(n as u64) {
             return;
         }
         assert!(

@@ -33,9 +33,13 @@ pub fn register_tokenizers(index: &tantivy::Index) {
     };
 
     use super::stem::CachedEnglishStemmer;
-    let english = TextAnalyzer::builder(SimpleTokenizer::default())
-        .filter(RemoveLongFilter::limit(40))
-        .filter(LowerCaser)
+    // Words of at most 40 bytes, lowercased: tantivy's `default`.
+    let words = || {
+        TextAnalyzer::builder(SimpleTokenizer::default())
+            .filter(RemoveLongFilter::limit(40))
+            .filter(LowerCaser)
+    };
+    let english = words()
         .filter(StopWordFilter::remove(
             ENGLISH_STOP_WORDS.iter().map(|w| w.to_string()),
         ))
@@ -43,11 +47,7 @@ pub fn register_tokenizers(index: &tantivy::Index) {
         .build();
     index.tokenizers().register("english", english);
     // tantivy's own `en_stem`, with the same tokens, stemming remembered.
-    let en_stem = TextAnalyzer::builder(SimpleTokenizer::default())
-        .filter(RemoveLongFilter::limit(40))
-        .filter(LowerCaser)
-        .filter(CachedEnglishStemmer)
-        .build();
+    let en_stem = words().filter(CachedEnglishStemmer).build();
     index.tokenizers().register("en_stem", en_stem);
 }
 
