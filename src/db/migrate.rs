@@ -18,6 +18,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "events", include_str!("migrations/0004_events.sql")),
     (5, "batch", include_str!("migrations/0005_batch.sql")),
     (6, "reads", include_str!("migrations/0006_reads.sql")),
+    (
+        7,
+        "heartbeat_xip",
+        include_str!("migrations/0007_heartbeat_xip.sql"),
+    ),
 ];
 
 /// The newest schema version this binary knows.
