@@ -109,7 +109,10 @@ async fn every_cold_boot_trigger() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("migrated from version 0 to 6"),
+        String::from_utf8_lossy(&out.stdout).contains(&format!(
+            "migrated from version 0 to {}",
+            tandem::db::migrate::latest()
+        )),
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
