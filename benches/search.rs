@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Host, Pg, TestDb, env_u64, percentile, tempdir};
+use common::{Host, Pg, TestDb, env_u64, percentile, proc_stat, tempdir};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
@@ -265,23 +265,33 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     );
     let db = TestDb::on(pg).await;
     let root = tempdir();
-    let env = [("TANDEM_LOG_LEVEL", "info")];
+    // BENCH_COMMIT_INTERVAL: the hosts' search.commit_interval (default
+    // the daemon's own).
+    let interval = std::env::var("BENCH_COMMIT_INTERVAL").unwrap_or_default();
+    let mut env = vec![("TANDEM_LOG_LEVEL", "info")];
+    if !interval.is_empty() {
+        env.push(("TANDEM_SEARCH_COMMIT_INTERVAL", interval.as_str()));
+    }
     let a = Host::start_with_config(&db.url, "a", root.path(), &env, &config()).await;
     let mut b = Host::start_with_config(&db.url, "b", root.path(), &env, &config()).await;
     a.wait_ready().await;
     b.wait_ready().await;
 
     // Indexing, end to end.
+    let cpu = |h: &Host| h.pid().map_or(0.0, |pid| proc_stat(pid).0);
+    let cpu_before = (cpu(&a), cpu(&b));
     let started = Instant::now();
     write_docs(&a, "docs", docs).await;
     let written = started.elapsed();
     wait_docs(&b, "docs", docs.len()).await;
     let indexed = started.elapsed();
     println!(
-        "indexing   tandem, written through A, searchable on B: {:8.0} docs/s ({:.1} s; writes took {:.1} s)",
+        "indexing   tandem, written through A, searchable on B: {:8.0} docs/s ({:.1} s; writes took {:.1} s; CPU-s A {:.1}, B {:.1})",
         docs.len() as f64 / indexed.as_secs_f64(),
         indexed.as_secs_f64(),
-        written.as_secs_f64()
+        written.as_secs_f64(),
+        cpu(&a) - cpu_before.0,
+        cpu(&b) - cpu_before.1
     );
     let started = Instant::now();
     let r = b
@@ -312,15 +322,18 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     b.spawn().await;
     wait_docs(&b, "backlog", docs.len()).await;
     let took = started.elapsed();
+    let cpu = cpu(&b);
     let cold = b
         .metric("tandem_sync_cold_boot_duration_seconds_count")
         .await
         .unwrap_or(0.0);
     assert_eq!(cold, 0.0, "host B cold-booted instead of catching up");
     println!(
-        "           tandem, host B catching up alone (stopped while A took them; from process start): {:8.0} docs/s ({:.1} s)",
+        "           tandem, host B catching up alone (stopped while A took them; from process start): {:8.0} docs/s ({:.1} s, {:.1} CPU-s: {:.0} docs per CPU-second)",
         docs.len() as f64 / took.as_secs_f64(),
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        cpu,
+        docs.len() as f64 / cpu.max(0.001)
     );
     let client = db.client().await;
     let started = Instant::now();

@@ -38,7 +38,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Host, Pg, TestDb, env_u64, tempdir};
+use common::{Host, Pg, TestDb, env_u64, proc_stat, tempdir};
 use futures_util::StreamExt;
 
 const HOSTS: usize = 4;
@@ -97,35 +97,6 @@ fn watch(dir: PathBuf, host: usize, seen: Arc<Mutex<HashMap<u64, [Option<Instant
             slot.get_or_insert(now);
         }
     });
-}
-
-fn proc_stat(pid: i32) -> (f64, f64) {
-    // (CPU seconds, RSS MiB)
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .collect();
-    let ticks = rustix::param::clock_ticks_per_second() as f64;
-    let cpu = (fields
-        .get(11)
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0)
-        + fields
-            .get(12)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0))
-        / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
-    (cpu, rss_kb / 1024.0)
 }
 
 async fn queries(h: &Host) -> f64 {

@@ -189,14 +189,25 @@ impl Generation {
             return Ok(None);
         }
         let parent = dest.parent().expect("dest has a parent");
-        if !parent.is_dir() {
-            create_dirs(parent, &self.root, &mut self.dirty_dirs)?;
-        }
-        let Ok(fd) = rustix::fs::open(
-            parent,
-            rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
-            rustix::fs::Mode::from_raw_mode(0o644),
-        ) else {
+        let open = || {
+            rustix::fs::open(
+                parent,
+                rustix::fs::OFlags::TMPFILE
+                    | rustix::fs::OFlags::WRONLY
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::from_raw_mode(0o644),
+            )
+        };
+        // The directory almost always exists: create it only when the open
+        // says it does not (a stat per value cost 1.5 % of a host's CPU).
+        let fd = match open() {
+            Err(rustix::io::Errno::NOENT) => {
+                create_dirs(parent, &self.root, &mut self.dirty_dirs)?;
+                open()
+            }
+            other => other,
+        };
+        let Ok(fd) = fd else {
             return Ok(None);
         };
         let mut file = File::from(fd);

@@ -9,8 +9,7 @@
 //! the table stops growing at [`MAX_WORDS`] words, the frequent ones being
 //! met first.
 
-use std::collections::HashMap;
-
+use foldhash::HashMap;
 use frostem::{Algorithm, Stemmer};
 use tantivy::tokenizer::{Token, TokenFilter, TokenStream, Tokenizer};
 
@@ -28,7 +27,7 @@ impl TokenFilter for CachedEnglishStemmer {
         StemmingTokenizer {
             inner,
             stemmer: Stemmer::new(Algorithm::English),
-            stems: HashMap::new(),
+            stems: HashMap::default(),
         }
     }
 }
