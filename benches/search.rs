@@ -31,6 +31,7 @@
 //! BENCH_TOKENIZER (the text fields' tokenizer, default `english`),
 //! BENCH_CORPUS (`pages` or `generated`: only that one), BENCH_HOLD (keep
 //! the hosts up this many seconds after each corpus, for profiling),
+//! BENCH_COMMIT_INTERVAL (the hosts' `search.commit_interval`),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
