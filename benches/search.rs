@@ -32,6 +32,9 @@
 //! BENCH_CORPUS (`pages` or `generated`: only that one), BENCH_HOLD (keep
 //! the hosts up this many seconds after each corpus, for profiling),
 //! BENCH_COMMIT_INTERVAL (the hosts' `search.commit_interval`),
+//! BENCH_QUIET_WAIT (wait up to this many seconds for the machine's I/O
+//! pressure to fall under 5 % before starting; the pressure is printed at
+//! the start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
@@ -241,6 +244,8 @@ async fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let generated = generate(&pages, n, &mut rng);
+    common::wait_for_quiet_machine().await;
+    println!("at the start: {}", common::machine_pressure());
     let only = std::env::var("BENCH_CORPUS").unwrap_or_default();
     if only != "generated" {
         run(&pg, "PostgreSQL docs (real pages)", &pages, q, &mut rng).await;
@@ -458,6 +463,9 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
             p_hits as f64 / qs.len() as f64
         );
     }
+    // Before this corpus's hosts, files and database are removed (their
+    // deletion is I/O of the benchmark's own).
+    println!("after the queries: {}", common::machine_pressure());
     let hold = env_u64("BENCH_HOLD", 0);
     if hold > 0 {
         println!(

@@ -25,6 +25,9 @@
 //! minutely built-in jobs count once), BENCH_PHASES (e.g. `1,3`),
 //! BENCH_DIR (where the hosts' data directories go; the filesystem matters:
 //! ext4 without a journal slows file creation down after mass deletions),
+//! BENCH_QUIET_WAIT (wait up to this many seconds for the machine's I/O
+//! pressure to fall under 5 % before starting; the pressure is printed at
+//! the start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
@@ -198,6 +201,8 @@ async fn main() {
         num_cpus()
     );
     println!("hosts' data on {}", describe_fs(root.path()));
+    common::wait_for_quiet_machine().await;
+    println!("at the start: {}", common::machine_pressure());
     let mut hosts = Vec::new();
     for i in 0..HOSTS {
         hosts.push(Host::start(&db.url, &format!("h{i}"), root.path(), REAL).await);
@@ -227,7 +232,7 @@ async fn main() {
     if phase(5) {
         cold_boot(&db, &hosts[1]).await;
     }
-    println!();
+    println!("\nat the end: {}", common::machine_pressure());
 }
 
 /// Phase 1: commit -> applied on every host, beside the NOTIFY floor.

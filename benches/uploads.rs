@@ -23,7 +23,10 @@
 //! `put` then `get` + read to the end with the same crate on the same
 //! store.
 //!
-//! Environment: BENCH_STORES, BENCH_SMALL, BENCH_LARGE,
+//! Environment: BENCH_STORES, BENCH_SMALL, BENCH_LARGE, BENCH_QUIET_WAIT
+//! (wait up to this many seconds for the machine's I/O pressure to fall
+//! under 5 % before starting; the pressure is printed at the start and the
+//! end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
@@ -187,6 +190,8 @@ async fn main() {
     };
     let stores = std::env::var("BENCH_STORES").unwrap_or_else(|_| "file".into());
     println!("tandem uploads benchmark: upload on host A, read on host B");
+    common::wait_for_quiet_machine().await;
+    println!("at the start: {}", common::machine_pressure());
     for kind in stores.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         bench_store(&pg, kind).await;
     }
@@ -260,6 +265,8 @@ async fn bench_store(pg: &Pg, kind: &str) {
             "   added latency for a 1 MiB file on the local store: {small_added:+.2} ms (target <= 5 ms)"
         );
     }
+    // Before this store's hosts and files are removed.
+    println!("   at the end: {}", common::machine_pressure());
 }
 
 /// A 1 GiB body streamed to A, then read whole on B: each process's peak

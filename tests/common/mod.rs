@@ -516,3 +516,46 @@ pub fn proc_stat(pid: i32) -> (f64, f64) {
         .unwrap_or(0.0);
     (cpu, rss_kb / 1024.0)
 }
+
+/// The `some avg10` and `avg60` of Linux's pressure stall information for
+/// `resource` (`io`, `cpu`): the percentage of the last 10 and 60 s in which
+/// some task waited for it. `None` where the kernel has no PSI.
+pub fn pressure(resource: &str) -> Option<(f64, f64)> {
+    let text = std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?;
+    let some = text.lines().find(|l| l.starts_with("some "))?;
+    let avg = |name: &str| {
+        some.split_whitespace()
+            .find_map(|f| f.strip_prefix(name))
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    Some((avg("avg10=")?, avg("avg60=")?))
+}
+
+/// One line saying how busy the machine is from outside (on a shared VM,
+/// another machine's writeback changes every figure): benchmarks print it
+/// at their start and end.
+pub fn machine_pressure() -> String {
+    let show = |resource: &str| match pressure(resource) {
+        Some((a10, a60)) => format!("{resource} {a10:.1} % (10 s) / {a60:.1} % (60 s)"),
+        None => format!("{resource} unknown"),
+    };
+    format!(
+        "machine pressure (tasks stalled, /proc/pressure): {}, {}",
+        show("io"),
+        show("cpu")
+    )
+}
+
+/// Waits up to `BENCH_QUIET_WAIT` seconds (default 0: not at all) for the
+/// machine's I/O pressure over the last 10 s to fall under 5 %, so that a
+/// run does not start in the previous run's writeback.
+pub async fn wait_for_quiet_machine() {
+    let limit = Duration::from_secs(env_u64("BENCH_QUIET_WAIT", 0));
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        match pressure("io") {
+            Some((a10, _)) if a10 >= 5.0 => tokio::time::sleep(Duration::from_secs(2)).await,
+            _ => return,
+        }
+    }
+}
