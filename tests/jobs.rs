@@ -113,19 +113,23 @@ async fn misfire_policies_after_downtime() {
     let period_ms = 8_000i64;
     let config = format!(
         "[[jobs]]\nname = \"catch-up\"\nevery = \"{period_ms}ms\"\nmisfire = \"run-once\"\nhttp = {{ url = \"{ok}\" }}\n\n\
-         [[jobs]]\nname = \"forget\"\nevery = \"{period_ms}ms\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n",
+         [[jobs]]\nname = \"forget\"\nevery = \"{period_ms}ms\"\nmisfire = \"skip\"\nhttp = {{ url = \"{ok}\" }}\n\n\
+         [[jobs]]\nname = \"late-ok\"\nevery = \"{period_ms}ms\"\nmisfire = \"skip\"\nmisfire_grace = \"60s\"\nhttp = {{ url = \"{ok}\" }}\n",
         ok = recorder.url("/ok")
     );
     let mut host = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
-    eventually("both jobs ran", Duration::from_secs(20), || async {
-        !recorder.calls_of("catch-up").is_empty() && !recorder.calls_of("forget").is_empty()
+    eventually("the jobs ran", Duration::from_secs(20), || async {
+        !recorder.calls_of("catch-up").is_empty()
+            && !recorder.calls_of("forget").is_empty()
+            && !recorder.calls_of("late-ok").is_empty()
     })
     .await;
     host.stop().await;
     // Down over the next scheduled time, back 1.2 s after it (the database
     // runs on this machine's clock).
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let back = (now_ms.div_euclid(period_ms) + 1) * period_ms + 1_200;
+    let missed_ms = (now_ms.div_euclid(period_ms) + 1) * period_ms;
+    let back = missed_ms + 1_200;
     tokio::time::sleep(Duration::from_millis((back - now_ms) as u64)).await;
     host.spawn().await;
     // Generous: the restarted host must start, win the lease and run the
@@ -137,7 +141,11 @@ async fn misfire_policies_after_downtime() {
         let caught_up = catch_up
             .iter()
             .any(|r| r["trigger"] == "misfire" && r["state"] == "succeeded");
-        if forget.len() >= 2 && caught_up {
+        let late_ran = runs(&host, "late-ok")
+            .await
+            .iter()
+            .any(|r| scheduled_ms(r) == missed_ms && r["state"] == "succeeded");
+        if forget.len() >= 2 && caught_up && late_ran {
             break;
         }
         assert!(
@@ -161,6 +169,24 @@ async fn misfire_policies_after_downtime() {
         !field(&forget, "trigger").contains(&"misfire"),
         "skip never runs a missed time: {forget:?}"
     );
+    assert!(
+        !forget.iter().any(|r| scheduled_ms(r) == missed_ms),
+        "with the default 1 s grace, the time missed while down is skipped: {forget:?}"
+    );
+    // Within its 60 s grace, the time missed while down ran late, on time.
+    let late = runs(&host, "late-ok").await;
+    let missed: Vec<&Value> = late
+        .iter()
+        .filter(|r| scheduled_ms(r) == missed_ms)
+        .collect();
+    assert_eq!(missed.len(), 1, "{late:?}");
+    assert_eq!(missed[0]["trigger"], "schedule", "{late:?}");
+}
+
+/// A run's scheduled time, in milliseconds since the epoch.
+fn scheduled_ms(run: &Value) -> i64 {
+    chrono::DateTime::parse_from_rfc3339(run["scheduled_for"].as_str().unwrap_or(""))
+        .map_or(0, |t| t.timestamp_millis())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

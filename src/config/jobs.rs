@@ -140,12 +140,18 @@ pub struct JobSpec {
     pub action: Action,
     pub timeout: Duration,
     pub misfire: Misfire,
+    /// How late a scheduled time may be and still run on time.
+    pub misfire_grace: Duration,
     pub overlap: bool,
     pub retries: u32,
     pub retry_backoff: Duration,
     pub jitter: Duration,
     pub enabled: bool,
 }
+
+/// How late a scheduled time may be and still count as on time, unless a
+/// job sets `misfire_grace`.
+pub const DEFAULT_MISFIRE_GRACE: Duration = Duration::from_secs(1);
 
 /// The built-in jobs' names.
 pub const PRUNE_LOG: &str = "tandem.prune-log";
@@ -161,6 +167,7 @@ fn builtin(name: &str, every: Duration, work: Builtin) -> JobSpec {
         action: Action::Builtin(work),
         timeout: Duration::from_secs(300),
         misfire: Misfire::Skip,
+        misfire_grace: DEFAULT_MISFIRE_GRACE,
         overlap: false,
         retries: 0,
         retry_backoff: Duration::from_secs(10),
@@ -200,6 +207,7 @@ const JOB_KEYS: &[&str] = &[
     "command",
     "timeout",
     "misfire",
+    "misfire_grace",
     "overlap",
     "retries",
     "retry_backoff",
@@ -413,6 +421,10 @@ impl Job<'_> {
                 ));
             }
         };
+        let misfire_grace = self.duration("misfire_grace", DEFAULT_MISFIRE_GRACE)?;
+        if misfire_grace < DEFAULT_MISFIRE_GRACE || misfire_grace > Duration::from_secs(86_400) {
+            return Err(self.err("misfire_grace", "must be from 1s to 1d"));
+        }
         let action = match (self.t.get("http"), self.t.get("command")) {
             (Some(_), Some(_)) => {
                 return Err(self.err("command", "set either `http` or `command`, not both"));
@@ -442,6 +454,7 @@ impl Job<'_> {
             action,
             timeout: self.timeout(Duration::from_secs(300))?,
             misfire,
+            misfire_grace,
             overlap: self.bool("overlap", false)?,
             retries,
             retry_backoff,
@@ -592,6 +605,7 @@ mod tests {
             timezone = "Europe/Paris"
             run_on = "once"
             misfire = "run-once"
+            misfire_grace = "30s"
             retries = 2
             http = { url = "http://127.0.0.1:8080/publish", headers = { "X-A" = "b" } }
 
@@ -609,9 +623,27 @@ mod tests {
         let p = all.iter().find(|j| j.name == "publish").unwrap();
         assert_eq!(p.run_on, RunOn::Once);
         assert_eq!(p.misfire, Misfire::RunOnce);
+        assert_eq!(p.misfire_grace, Duration::from_secs(30));
         assert!(matches!(&p.action, Action::Http(h) if h.method == "POST" && h.headers.len() == 1));
         let prune = all.iter().find(|j| j.name == PRUNE_LOG).unwrap();
         assert!(matches!(prune.schedule, Schedule::Every(d) if d == Duration::from_secs(300)));
+        assert_eq!(prune.misfire_grace, DEFAULT_MISFIRE_GRACE);
+    }
+
+    #[test]
+    fn misfire_grace_is_bounded() {
+        let job = |grace: &str| {
+            format!(
+                "[[jobs]]\nname = \"a\"\nevery = \"1m\"\nmisfire_grace = \"{grace}\"\ncommand = {{ argv = [\"true\"] }}"
+            )
+        };
+        for bad in ["500ms", "2d", "soon"] {
+            let e = err(&job(bad));
+            assert!(e.contains("jobs[a].misfire_grace"), "{bad}: {e}");
+        }
+        let ok = jobs(&job("1d")).unwrap();
+        let a = ok.iter().find(|j| j.name == "a").unwrap();
+        assert_eq!(a.misfire_grace, Duration::from_secs(86_400));
     }
 
     #[test]

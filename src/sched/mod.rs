@@ -10,9 +10,10 @@
 //! partitioned ex-leader runs nothing under its old term. `every-host` jobs
 //! use the host id as the slot.
 //!
-//! Misfires: when a job's latest due time is more than [`GRACE`] old (the
-//! host was down, frozen, or only now became leader), `misfire = "skip"`
-//! forgets it and `"run-once"` runs it once.
+//! Misfires: when a job's latest due time is more than its `misfire_grace`
+//! old (default [`GRACE`], 1 s; the host was down, frozen, or only now
+//! became leader), `misfire = "skip"` forgets it and `"run-once"` runs it
+//! once.
 
 pub mod action;
 pub mod api;
@@ -32,8 +33,9 @@ use crate::config::jobs::{JobSpec, Misfire, RunOn, Schedule};
 use crate::db::DbError;
 use runner::Runner;
 
-/// How late a scheduled time may be and still count as on time.
-pub const GRACE: Duration = Duration::from_secs(1);
+/// How late a scheduled time may be and still count as on time, for a job
+/// that does not set `misfire_grace`.
+pub const GRACE: Duration = crate::config::jobs::DEFAULT_MISFIRE_GRACE;
 /// The scheduler wakes at least this often (its liveness metric).
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 /// How often queued (manual) runs are looked for without a notification.
@@ -282,8 +284,10 @@ impl Scheduler {
     }
 
     /// Sets where each matching job's schedule resumes: from the latest
-    /// claimed time (so that `run-once` sees what was missed), but never
-    /// earlier than [`GRACE`] ago for `skip` jobs.
+    /// claimed time (so that `run-once` sees what was missed, and times
+    /// still within the job's `misfire_grace` run late), but never earlier
+    /// than `misfire_grace` ago for `skip` jobs; a job never claimed starts
+    /// [`GRACE`] ago (not a longer grace ago: it did not exist then).
     async fn init_cursors(&mut self, which: impl Fn(&JobSpec) -> bool) {
         let now = self.app.leadership.now_db();
         let names: Vec<String> = self
@@ -299,14 +303,16 @@ impl Scheduler {
                 HashMap::new()
             }
         };
-        let recent = now - chrono::Duration::from_std(GRACE).expect("small");
+        let ago = |d: Duration| now - chrono::Duration::from_std(d).expect("at most a day");
         // Misfires older than this are forgotten even with `run-once`.
         let horizon = now - chrono::Duration::days(8);
         for job in self.jobs.iter().filter(|j| which(j)) {
+            let recent = ago(job.misfire_grace);
             let cursor = match (job.misfire, claimed.get(&job.name)) {
                 (Misfire::RunOnce, Some(last)) if *last < recent => (*last).max(horizon),
                 (_, Some(last)) if *last > recent => *last,
-                _ => recent,
+                (_, Some(_)) => recent,
+                (_, None) => ago(GRACE),
             };
             self.cursors.insert(job.name.clone(), cursor);
         }
@@ -330,13 +336,13 @@ impl Scheduler {
 
     /// Starts the runs that are due.
     fn fire_due(&mut self, now: DateTime<Utc>) {
-        let grace = chrono::Duration::from_std(GRACE).expect("small");
         let mut planned = Vec::new();
         for job in &self.jobs {
             let cursor = self
                 .cursors
                 .get_mut(&job.name)
                 .expect("every job has a cursor");
+            let grace = chrono::Duration::from_std(job.misfire_grace).expect("at most a day");
             let (times, skipped) = plan(&job.schedule, job.misfire, cursor, now, grace);
             if let Some((at, count)) = skipped {
                 tracing::info!(job = %job.name, missed = count, latest = %at, "skipping missed scheduled times (misfire = \"skip\")");
@@ -471,5 +477,27 @@ mod tests {
             grace,
         );
         assert!(times.is_empty());
+    }
+
+    #[test]
+    fn a_longer_misfire_grace_runs_late_times_on_time() {
+        let every = Schedule::Every(Duration::from_secs(1));
+        let grace = chrono::Duration::seconds(30);
+        // Down for 5 s: every time is within the grace, nothing is skipped.
+        let mut cursor = at(0.0);
+        let (times, skipped) = plan(&every, Misfire::Skip, &mut cursor, at(5.2), grace);
+        let want: Vec<Due> = (1..=5).map(|s| (at(s as f64), "schedule")).collect();
+        assert_eq!(times, want);
+        assert!(skipped.is_none());
+        // Down for 40 s: the times older than 30 s are skipped; the rest run
+        // late, at most 10 per wake-up, the next wake-up going on from there.
+        let mut cursor = at(0.0);
+        let (times, skipped) = plan(&every, Misfire::Skip, &mut cursor, at(40.5), grace);
+        let want: Vec<Due> = (11..=20).map(|s| (at(s as f64), "schedule")).collect();
+        assert_eq!(times, want);
+        assert_eq!(skipped, Some((at(10.0), 10)));
+        let (times, skipped) = plan(&every, Misfire::Skip, &mut cursor, at(40.6), grace);
+        assert_eq!(times.first(), Some(&(at(21.0), "schedule")));
+        assert!(skipped.is_none());
     }
 }
