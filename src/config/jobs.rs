@@ -422,6 +422,7 @@ impl Job<'_> {
             }
         };
         let misfire_grace = self.duration("misfire_grace", DEFAULT_MISFIRE_GRACE)?;
+        // Under the default, an ordinary late wake-up would be a misfire.
         if misfire_grace < DEFAULT_MISFIRE_GRACE || misfire_grace > Duration::from_secs(86_400) {
             return Err(self.err("misfire_grace", "must be from 1s to 1d"));
         }

@@ -11,7 +11,7 @@
 //! use the host id as the slot.
 //!
 //! Misfires: when a job's latest due time is more than its `misfire_grace`
-//! old (default [`GRACE`], 1 s; the host was down, frozen, or only now
+//! old (default [`DEFAULT_MISFIRE_GRACE`], 1 s; the host was down, frozen, or only now
 //! became leader), `misfire = "skip"` forgets it and `"run-once"` runs it
 //! once.
 
@@ -29,13 +29,10 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
-use crate::config::jobs::{JobSpec, Misfire, RunOn, Schedule};
+use crate::config::jobs::{DEFAULT_MISFIRE_GRACE, JobSpec, Misfire, RunOn, Schedule};
 use crate::db::DbError;
 use runner::Runner;
 
-/// How late a scheduled time may be and still count as on time, for a job
-/// that does not set `misfire_grace`.
-pub const GRACE: Duration = crate::config::jobs::DEFAULT_MISFIRE_GRACE;
 /// The scheduler wakes at least this often (its liveness metric).
 const MAX_SLEEP: Duration = Duration::from_secs(5);
 /// How often queued (manual) runs are looked for without a notification.
@@ -287,7 +284,7 @@ impl Scheduler {
     /// claimed time (so that `run-once` sees what was missed, and times
     /// still within the job's `misfire_grace` run late), but never earlier
     /// than `misfire_grace` ago for `skip` jobs; a job never claimed starts
-    /// [`GRACE`] ago (not a longer grace ago: it did not exist then).
+    /// [`DEFAULT_MISFIRE_GRACE`] ago (not a longer grace ago: it did not exist then).
     async fn init_cursors(&mut self, which: impl Fn(&JobSpec) -> bool) {
         let now = self.app.leadership.now_db();
         let names: Vec<String> = self
@@ -312,7 +309,7 @@ impl Scheduler {
                 (Misfire::RunOnce, Some(last)) if *last < recent => (*last).max(horizon),
                 (_, Some(last)) if *last > recent => *last,
                 (_, Some(_)) => recent,
-                (_, None) => ago(GRACE),
+                (_, None) => ago(DEFAULT_MISFIRE_GRACE),
             };
             self.cursors.insert(job.name.clone(), cursor);
         }
