@@ -16,6 +16,25 @@ if dpkg -s tandem >/dev/null 2>&1; then
     fail "a tandem package is already installed here; remove it first (dpkg -P tandem)"
 fi
 
+# `tandem run` as root without a package (README's `scripts/run`) keeps its
+# state, an embedded PostgreSQL among it, in /var/lib/tandem: the package's
+# purge would delete it, and files in it owned by root are not the service
+# user's. Set it aside (under /tmp, outside the leftovers search) and put it
+# back when done, however the test ends.
+aside=""
+if [[ -e /var/lib/tandem ]]; then
+    aside=$(mktemp -d)
+    mv /var/lib/tandem "$aside/tandem"
+    echo "== /var/lib/tandem set aside in $aside until the test ends"
+fi
+restore() {
+    if [[ -n $aside ]]; then
+        rm -rf /var/lib/tandem
+        mv "$aside/tandem" /var/lib/tandem && rmdir "$aside"
+    fi
+}
+trap restore EXIT
+
 # Files named like tandem outside this checkout, before the package is
 # installed; whatever purge leaves beyond these is a leftover. (The checkout
 # may live anywhere, /check/... on CI, and is full of such names.)
@@ -44,7 +63,10 @@ dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/tandem/tand
     || fail "/etc/tandem/tandem.toml is not a conffile"
 pass "package contents, conffile, dependencies"
 
-cleanup() { dpkg -P tandem >/dev/null 2>&1 || true; }
+cleanup() {
+    dpkg -P tandem >/dev/null 2>&1 || true
+    restore
+}
 trap cleanup EXIT
 
 dpkg -i "$deb"
@@ -95,4 +117,5 @@ leftovers=$(comm -13 <(echo "$named_before") <(named_tandem))
 [[ -z $leftovers ]] || { echo "$leftovers"; fail "files named tandem are left after dpkg -P"; }
 pass "dpkg -P: nothing left (config, state, user, unit links)"
 trap - EXIT
+restore
 echo "== package test passed"
