@@ -32,9 +32,12 @@
 //! BENCH_CORPUS (`pages` or `generated`: only that one), BENCH_HOLD (keep
 //! the hosts up this many seconds after each corpus, for profiling),
 //! BENCH_COMMIT_INTERVAL (the hosts' `search.commit_interval`),
-//! BENCH_QUIET_WAIT (wait up to this many seconds for the machine's I/O
-//! pressure to fall under 5 % before starting; the pressure is printed at
-//! the start and the end either way),
+//! BENCH_QUIET_WAIT (wait up to this many seconds, before starting, for
+//! the machine's I/O pressure to fall under 5 % and for one thread to
+//! create at least BENCH_MIN_FILE_RATE files/s, default 30,000: ext4
+//! without a journal creates files several times slower for minutes after
+//! a mass deletion, such as the previous run's; both are printed at the
+//! start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
@@ -244,8 +247,10 @@ async fn main() {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     let generated = generate(&pages, n, &mut rng);
-    common::wait_for_quiet_machine().await;
-    println!("at the start: {}", common::machine_pressure());
+    // Where the machine's file creation is probed (removed at the end).
+    let probe = tempdir();
+    common::wait_for_quiet_machine(probe.path()).await;
+    println!("at the start: {}", common::machine_pressure(probe.path()));
     let only = std::env::var("BENCH_CORPUS").unwrap_or_default();
     if only != "generated" {
         run(&pg, "PostgreSQL docs (real pages)", &pages, q, &mut rng).await;
@@ -465,7 +470,10 @@ async fn run(pg: &Pg, label: &str, docs: &[Doc], nq: usize, rng: &mut StdRng) {
     }
     // Before this corpus's hosts, files and database are removed (their
     // deletion is I/O of the benchmark's own).
-    println!("after the queries: {}", common::machine_pressure());
+    println!(
+        "after the queries: {}",
+        common::machine_pressure(root.path())
+    );
     let hold = env_u64("BENCH_HOLD", 0);
     if hold > 0 {
         println!(

@@ -25,9 +25,12 @@
 //! minutely built-in jobs count once), BENCH_PHASES (e.g. `1,3`),
 //! BENCH_DIR (where the hosts' data directories go; the filesystem matters:
 //! ext4 without a journal slows file creation down after mass deletions),
-//! BENCH_QUIET_WAIT (wait up to this many seconds for the machine's I/O
-//! pressure to fall under 5 % before starting; the pressure is printed at
-//! the start and the end either way),
+//! BENCH_QUIET_WAIT (wait up to this many seconds, before starting, for
+//! the machine's I/O pressure to fall under 5 % and for one thread to
+//! create at least BENCH_MIN_FILE_RATE files/s, default 30,000: ext4
+//! without a journal creates files several times slower for minutes after
+//! a mass deletion, such as the previous run's; both are printed at the
+//! start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
@@ -201,8 +204,8 @@ async fn main() {
         num_cpus()
     );
     println!("hosts' data on {}", describe_fs(root.path()));
-    common::wait_for_quiet_machine().await;
-    println!("at the start: {}", common::machine_pressure());
+    common::wait_for_quiet_machine(root.path()).await;
+    println!("at the start: {}", common::machine_pressure(root.path()));
     let mut hosts = Vec::new();
     for i in 0..HOSTS {
         hosts.push(Host::start(&db.url, &format!("h{i}"), root.path(), REAL).await);
@@ -232,7 +235,7 @@ async fn main() {
     if phase(5) {
         cold_boot(&db, &hosts[1]).await;
     }
-    println!("\nat the end: {}", common::machine_pressure());
+    println!("\nat the end: {}", common::machine_pressure(root.path()));
 }
 
 /// Phase 1: commit -> applied on every host, beside the NOTIFY floor.

@@ -23,10 +23,13 @@
 //! `put` then `get` + read to the end with the same crate on the same
 //! store.
 //!
-//! Environment: BENCH_STORES, BENCH_SMALL, BENCH_LARGE, BENCH_QUIET_WAIT
-//! (wait up to this many seconds for the machine's I/O pressure to fall
-//! under 5 % before starting; the pressure is printed at the start and the
-//! end either way),
+//! Environment: BENCH_STORES, BENCH_SMALL, BENCH_LARGE,
+//! BENCH_QUIET_WAIT (wait up to this many seconds, before starting, for
+//! the machine's I/O pressure to fall under 5 % and for one thread to
+//! create at least BENCH_MIN_FILE_RATE files/s, default 30,000: ext4
+//! without a journal creates files several times slower for minutes after
+//! a mass deletion, such as the previous run's; both are printed at the
+//! start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
@@ -190,8 +193,10 @@ async fn main() {
     };
     let stores = std::env::var("BENCH_STORES").unwrap_or_else(|_| "file".into());
     println!("tandem uploads benchmark: upload on host A, read on host B");
-    common::wait_for_quiet_machine().await;
-    println!("at the start: {}", common::machine_pressure());
+    // Where the machine's file creation is probed (removed at the end).
+    let probe = tempdir();
+    common::wait_for_quiet_machine(probe.path()).await;
+    println!("at the start: {}", common::machine_pressure(probe.path()));
     for kind in stores.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         bench_store(&pg, kind).await;
     }
@@ -266,7 +271,7 @@ async fn bench_store(pg: &Pg, kind: &str) {
         );
     }
     // Before this store's hosts and files are removed.
-    println!("   at the end: {}", common::machine_pressure());
+    println!("   at the end: {}", common::machine_pressure(root.path()));
 }
 
 /// A 1 GiB body streamed to A, then read whole on B: each process's peak

@@ -531,31 +531,76 @@ pub fn pressure(resource: &str) -> Option<(f64, f64)> {
     Some((avg("avg10=")?, avg("avg60=")?))
 }
 
+/// Files per second one thread creates in a fresh directory under `dir`
+/// (2,000 files of 1 KiB, no fsync; left for `dir`'s owner to remove:
+/// deleting them here would slow the next creations down). On ext4 without
+/// a journal, such as this project's development VM, the rate falls several
+/// times over for minutes after a mass deletion (each new inode skips the
+/// recently freed ones), and with it every figure that writes files.
+pub fn file_creation_rate(dir: &Path) -> f64 {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let n = 2000;
+    let probe = dir.join(format!(
+        "create-probe-{}",
+        PROBES.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&probe).unwrap();
+    let value = [b'p'; 1024];
+    let started = Instant::now();
+    for i in 0..n {
+        let mut f = std::fs::File::create(probe.join(format!("f{i}"))).unwrap();
+        f.write_all(&value).unwrap();
+    }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
 /// One line saying how busy the machine is from outside (on a shared VM,
-/// another machine's writeback changes every figure): benchmarks print it
-/// at their start and end.
-pub fn machine_pressure() -> String {
+/// another machine's writeback changes every figure) and how fast files
+/// can be created under `dir` (see [`file_creation_rate`]): benchmarks
+/// print it at their start and end.
+pub fn machine_pressure(dir: &Path) -> String {
     let show = |resource: &str| match pressure(resource) {
         Some((a10, a60)) => format!("{resource} {a10:.1} % (10 s) / {a60:.1} % (60 s)"),
         None => format!("{resource} unknown"),
     };
     format!(
-        "machine pressure (tasks stalled, /proc/pressure): {}, {}",
+        "machine pressure (tasks stalled, /proc/pressure): {}, {}; one thread creates {:.0} files/s",
         show("io"),
-        show("cpu")
+        show("cpu"),
+        file_creation_rate(dir)
     )
 }
 
-/// Waits up to `BENCH_QUIET_WAIT` seconds (default 0: not at all) for the
-/// machine's I/O pressure over the last 10 s to fall under 5 %, so that a
-/// run does not start in the previous run's writeback.
-pub async fn wait_for_quiet_machine() {
+/// Waits up to `BENCH_QUIET_WAIT` seconds (default 0: not at all) until the
+/// machine's I/O pressure over the last 10 s is under 5 % and one thread
+/// creates at least `BENCH_MIN_FILE_RATE` files/s (default 30,000) under
+/// `dir`, so that a run starts neither in the previous run's writeback nor
+/// in the minutes after its mass deletion of files. Says how long it waited.
+pub async fn wait_for_quiet_machine(dir: &Path) {
     let limit = Duration::from_secs(env_u64("BENCH_QUIET_WAIT", 0));
+    let min_rate = env_u64("BENCH_MIN_FILE_RATE", 30_000) as f64;
     let start = Instant::now();
-    while start.elapsed() < limit {
-        match pressure("io") {
-            Some((a10, _)) if a10 >= 5.0 => tokio::time::sleep(Duration::from_secs(2)).await,
-            _ => return,
+    let mut quiet = limit.is_zero();
+    while !quiet && start.elapsed() < limit {
+        let io_busy = matches!(pressure("io"), Some((a10, _)) if a10 >= 5.0);
+        quiet = !io_busy && file_creation_rate(dir) >= min_rate;
+        if !quiet {
+            let pause = if io_busy { 2 } else { 10 };
+            tokio::time::sleep(Duration::from_secs(pause)).await;
         }
+    }
+    if start.elapsed() >= Duration::from_secs(1) {
+        println!(
+            "waited {:.0} s for a quiet machine (BENCH_QUIET_WAIT={}, BENCH_MIN_FILE_RATE={min_rate}){}",
+            start.elapsed().as_secs_f64(),
+            limit.as_secs(),
+            if quiet {
+                ""
+            } else {
+                ": gave up, it is still busy"
+            }
+        );
     }
 }
