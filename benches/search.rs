@@ -32,12 +32,9 @@
 //! BENCH_CORPUS (`pages` or `generated`: only that one), BENCH_HOLD (keep
 //! the hosts up this many seconds after each corpus, for profiling),
 //! BENCH_COMMIT_INTERVAL (the hosts' `search.commit_interval`),
-//! BENCH_QUIET_WAIT (wait up to this many seconds, before starting, for
-//! the machine's I/O pressure to fall under 5 % and for one thread to
-//! create at least BENCH_MIN_FILE_RATE files/s, default 30,000: ext4
-//! without a journal creates files several times slower for minutes after
-//! a mass deletion, such as the previous run's; both are printed at the
-//! start and the end either way),
+//! BENCH_QUIET_WAIT and BENCH_MIN_FILE_RATE (wait before starting for a
+//! quiet disk and a quick filesystem: see `common::wait_for_quiet_machine`;
+//! the machine's state is printed at the start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]

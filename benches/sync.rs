@@ -25,12 +25,9 @@
 //! minutely built-in jobs count once), BENCH_PHASES (e.g. `1,3`),
 //! BENCH_DIR (where the hosts' data directories go; the filesystem matters:
 //! ext4 without a journal slows file creation down after mass deletions),
-//! BENCH_QUIET_WAIT (wait up to this many seconds, before starting, for
-//! the machine's I/O pressure to fall under 5 % and for one thread to
-//! create at least BENCH_MIN_FILE_RATE files/s, default 30,000: ext4
-//! without a journal creates files several times slower for minutes after
-//! a mass deletion, such as the previous run's; both are printed at the
-//! start and the end either way),
+//! BENCH_QUIET_WAIT and BENCH_MIN_FILE_RATE (wait before starting for a
+//! quiet disk and a quick filesystem: see `common::wait_for_quiet_machine`;
+//! the machine's state is printed at the start and the end either way),
 //! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]

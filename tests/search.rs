@@ -291,7 +291,8 @@ async fn same_answers_on_every_host() {
         wait_total(h, "*", 299).await;
         let (_, r) = search(h, &[("q", "zebra")]).await;
         assert_eq!(r["hits"][0]["key"], "d1");
-        // The key as read from the fast column, of the replaced document.
+        // A keys-only answer (no fields, no snippets) names the replaced
+        // document too.
         let (_, keys) = search(h, &[("q", "zebra"), ("fields", ""), ("highlight", "false")]).await;
         assert_eq!(keys["hits"][0]["key"], "d1");
         assert_eq!(
