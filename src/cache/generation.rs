@@ -5,7 +5,8 @@
 //! no reader can see, and at [`Generation::commit`] those files are flushed
 //! to disk (fsync each, or one `syncfs`, whichever is expected to be cheaper:
 //! see [`super::flush`]), then put in
-//! place, then the touched directories are fsynced. A reader therefore only
+//! place, then the touched directories are fsynced. A `syncfs` may run on a
+//! helper thread while the next batch is staged ([`Generation::begin_flush`]). A reader therefore only
 //! ever sees a whole old file or a whole new one, and after a crash the disk
 //! holds whole files only.
 //!
@@ -19,6 +20,8 @@ use std::collections::{BTreeSet, HashSet};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::flush::{FlushCosts, Method};
 use super::keys;
@@ -68,6 +71,25 @@ pub struct Generation {
     max_unnamed: usize,
     /// What flushing a stage costs, either way.
     flush_costs: FlushCosts,
+    /// A stage is being flushed by [`Generation::begin_flush`].
+    flushing: bool,
+}
+
+/// A stage whose `syncfs` runs on a helper thread (see
+/// [`Generation::begin_flush`]); its files are not in place yet.
+pub struct Flushing {
+    staged: Vec<Staged>,
+    files: usize,
+    sync: std::thread::JoinHandle<rustix::io::Result<std::time::Duration>>,
+    synced: Arc<AtomicBool>,
+}
+
+impl Flushing {
+    /// Whether the flush is done ([`Generation::finish_flush`] will not
+    /// wait for it).
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
 }
 
 struct Staged {
@@ -118,6 +140,7 @@ impl Generation {
             open_unnamed: 0,
             max_unnamed,
             flush_costs: FlushCosts::default(),
+            flushing: false,
         })
     }
 
@@ -247,6 +270,7 @@ impl Generation {
     /// Removes a key's file (a staged put of the same key is committed
     /// first, so that order is kept).
     pub fn delete(&mut self, cache: &str, key: &str) -> io::Result<()> {
+        debug_assert!(!self.flushing, "the in-flight flush comes first");
         let dest = self.dest(cache, key);
         if self.staged.iter().any(|s| s.dest == dest) {
             self.flush_staged()?;
@@ -336,13 +360,8 @@ impl Generation {
 
     /// Drops staged writes (after a failed batch, which will be read again).
     pub fn discard_staged(&mut self) {
-        for s in std::mem::take(&mut self.staged) {
-            if let Some(tmp) = &s.tmp {
-                let _ = fs::remove_file(tmp);
-            }
-        }
-        self.open_unnamed = 0;
-        self.staged_bytes = 0;
+        let staged = self.take_stage();
+        drop_stage(staged);
     }
 
     /// Entries created minus entries removed since the last call.
@@ -350,12 +369,90 @@ impl Generation {
         std::mem::take(&mut self.entry_delta)
     }
 
+    /// Whether staging `len` more bytes would commit the stage early
+    /// (see [`Self::put`]).
+    pub fn flush_due(&self, len: usize) -> bool {
+        self.staged_bytes + len as u64 > MAX_STAGED_BYTES
+    }
+
+    /// Starts making the stage durable without waiting for it, when one
+    /// `syncfs` is the expected cheaper way: the `syncfs` runs on a helper
+    /// thread while the caller stages the next batch, and
+    /// [`Self::finish_flush`] puts the files in place. Answers `None` when
+    /// it did everything at once instead (an empty stage, or one flushed
+    /// file by file): then the stage is visible, as after [`Self::publish`].
+    ///
+    /// Until `finish_flush`, only [`Self::put`]s that do not commit the
+    /// stage early (see [`Self::flush_due`]) may follow: anything that
+    /// changes what readers see must wait for the in-flight files first.
+    /// `wake` is called on the helper thread once the flush is done
+    /// ([`Flushing::synced`] is true by then).
+    pub fn begin_flush(
+        &mut self,
+        wake: impl FnOnce() + Send + 'static,
+    ) -> io::Result<Option<Flushing>> {
+        debug_assert!(!self.flushing, "one flush in flight at a time");
+        if self.staged.is_empty() {
+            return Ok(None);
+        }
+        let files = self.staged.len();
+        if self.flush_costs.choose(files) == Method::PerFile {
+            return self.flush_now(Method::PerFile).map(|()| None);
+        }
+        let dir = File::open(&self.tmp)?;
+        let synced = Arc::new(AtomicBool::new(false));
+        let flag = synced.clone();
+        let sync = std::thread::Builder::new()
+            .name("tandem-syncfs".into())
+            .spawn(move || {
+                let started = std::time::Instant::now();
+                let result = rustix::fs::syncfs(&dir).map(|()| started.elapsed());
+                flag.store(true, Ordering::Release);
+                wake();
+                result
+            });
+        let Ok(sync) = sync else {
+            // No thread to spare: flush here.
+            return self.flush_now(Method::Syncfs).map(|()| None);
+        };
+        self.flushing = true;
+        Ok(Some(Flushing {
+            staged: self.take_stage(),
+            files,
+            sync,
+            synced,
+        }))
+    }
+
+    /// Waits for a flush started by [`Self::begin_flush`] and puts its
+    /// files in place. On failure none of them is.
+    pub fn finish_flush(&mut self, f: Flushing) -> io::Result<()> {
+        self.flushing = false;
+        let synced = f.sync.join().unwrap_or(Err(rustix::io::Errno::IO));
+        match synced {
+            Ok(took) => {
+                self.flush_costs.record(Method::Syncfs, f.files, took);
+                self.link_all(f.staged)
+            }
+            Err(e) => {
+                drop_stage(f.staged);
+                Err(e.into())
+            }
+        }
+    }
+
     fn flush_staged(&mut self) -> io::Result<()> {
+        debug_assert!(!self.flushing, "the in-flight flush comes first");
         if self.staged.is_empty() {
             return Ok(());
         }
+        let method = self.flush_costs.choose(self.staged.len());
+        self.flush_now(method)
+    }
+
+    /// Flushes the stage with `method` and puts it in place.
+    fn flush_now(&mut self, method: Method) -> io::Result<()> {
         let files = self.staged.len();
-        let method = self.flush_costs.choose(files);
         let started = std::time::Instant::now();
         match method {
             Method::Syncfs => rustix::fs::syncfs(File::open(&self.tmp)?)?,
@@ -370,30 +467,51 @@ impl Generation {
             }
         }
         self.flush_costs.record(method, files, started.elapsed());
-        for s in std::mem::take(&mut self.staged) {
-            let parent = s.dest.parent().expect("dest has a parent").to_path_buf();
-            let created = match (&s.tmp, &s.file) {
-                (None, Some(file)) => self.link_unnamed(file, &s.dest)?,
-                (Some(tmp), _) => {
-                    let existed = fs::symlink_metadata(&s.dest).is_ok();
-                    if !existed && !parent.is_dir() {
-                        create_dirs(&parent, &self.root, &mut self.dirty_dirs)?;
-                    }
-                    fs::rename(tmp, &s.dest)?;
-                    !existed
-                }
-                (None, None) => unreachable!("unnamed files stay open"),
-            };
-            if let Some(m) = &self.memory {
-                m.invalidate(&s.cache, &s.key);
-            }
-            if created {
-                self.entry_delta += 1;
-            }
-            self.dirty_dirs.insert(parent);
-        }
+        let staged = self.take_stage();
+        self.link_all(staged)
+    }
+
+    /// Takes the stage out, leaving an empty one.
+    fn take_stage(&mut self) -> Vec<Staged> {
         self.open_unnamed = 0;
         self.staged_bytes = 0;
+        std::mem::take(&mut self.staged)
+    }
+
+    /// Puts flushed files in place, in order.
+    fn link_all(&mut self, staged: Vec<Staged>) -> io::Result<()> {
+        let mut staged = staged.into_iter();
+        for s in staged.by_ref() {
+            if let Err(e) = self.link_one(&s) {
+                drop_stage(staged);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts one flushed file in place.
+    fn link_one(&mut self, s: &Staged) -> io::Result<()> {
+        let parent = s.dest.parent().expect("dest has a parent").to_path_buf();
+        let created = match (&s.tmp, &s.file) {
+            (None, Some(file)) => self.link_unnamed(file, &s.dest)?,
+            (Some(tmp), _) => {
+                let existed = fs::symlink_metadata(&s.dest).is_ok();
+                if !existed && !parent.is_dir() {
+                    create_dirs(&parent, &self.root, &mut self.dirty_dirs)?;
+                }
+                fs::rename(tmp, &s.dest)?;
+                !existed
+            }
+            (None, None) => unreachable!("unnamed files stay open"),
+        };
+        if let Some(m) = &self.memory {
+            m.invalidate(&s.cache, &s.key);
+        }
+        if created {
+            self.entry_delta += 1;
+        }
+        self.dirty_dirs.insert(parent);
         Ok(())
     }
 
@@ -428,6 +546,16 @@ impl Generation {
                 Ok(true)
             }
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// Drops staged files that will not be put in place (unnamed ones vanish
+/// when closed; named ones are removed).
+fn drop_stage(staged: impl IntoIterator<Item = Staged>) {
+    for s in staged {
+        if let Some(tmp) = &s.tmp {
+            let _ = fs::remove_file(tmp);
         }
     }
 }
@@ -659,6 +787,52 @@ mod tests {
         g.commit().unwrap();
         assert_eq!(g.keys("c").unwrap().len(), 100);
         assert_eq!(fs::read_dir(g.root().join(".tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_flush_in_flight_shows_nothing_until_finished() {
+        for (_d, mut g) in [generation(), named_only()] {
+            for i in 0..100 {
+                g.put("c", &format!("k{i}"), b"old", DEFAULT_CONTENT_TYPE)
+                    .unwrap();
+            }
+            let (tx, rx) = std::sync::mpsc::channel();
+            let flushing = g
+                .begin_flush(move || tx.send(()).unwrap())
+                .unwrap()
+                .expect("a stage of 100 files is flushed with syncfs");
+            // The next batch stages meanwhile, invisible too.
+            g.put("c", "k0", b"new", DEFAULT_CONTENT_TYPE).unwrap();
+            rx.recv().unwrap();
+            assert!(flushing.synced());
+            assert!(g.keys("c").unwrap().is_empty(), "nothing in place yet");
+            g.finish_flush(flushing).unwrap();
+            assert_eq!(g.keys("c").unwrap().len(), 100);
+            assert_eq!(value(&g, "k0"), b"old");
+            g.commit().unwrap();
+            assert_eq!(value(&g, "k0"), b"new");
+            assert_eq!(value(&g, "k99"), b"old");
+            assert_eq!(g.take_entry_delta(), 100);
+            assert_eq!(fs::read_dir(g.root().join(".tmp")).unwrap().count(), 0);
+        }
+    }
+
+    #[test]
+    fn a_small_stage_is_flushed_at_once() {
+        let (_d, mut g) = generation();
+        g.put("c", "k", b"v", DEFAULT_CONTENT_TYPE).unwrap();
+        let woken = std::sync::Arc::new(AtomicBool::new(false));
+        let w = woken.clone();
+        let flushing = g
+            .begin_flush(move || w.store(true, Ordering::SeqCst))
+            .unwrap();
+        assert!(flushing.is_none());
+        assert_eq!(value(&g, "k"), b"v");
+        assert!(!woken.load(Ordering::SeqCst));
+    }
+
+    fn value(g: &Generation, key: &str) -> Vec<u8> {
+        read_value(&g.dest("c", key)).unwrap().unwrap().0
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //! ([`super::record`]), which writes the position only once the directories
 //! are durable. A failure inside a batch is remembered and reported by the
 //! commit, which then records no position, so the batch is read again.
+//!
+//! A large batch's `syncfs` runs on a helper thread while the next batch's
+//! puts are staged (invisibly); everything else waits for that commit to
+//! complete first ([`Local::settle`]), so batches land in order.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
@@ -17,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::position::{LocalState, StateFile};
 use super::record::Recorder;
+use crate::cache::generation::Flushing;
 use crate::cache::versions::VERSIONS_CACHE;
 use crate::cache::{CacheDir, Generation};
 use crate::events::{Hub, Pending};
@@ -46,7 +51,14 @@ pub struct ApplyError {
     pub lost_durability: bool,
 }
 
-type Job = Box<dyn FnOnce(&mut Local) + Send>;
+/// What the thread is sent: a chunk of changes, or anything else (which
+/// first waits for a commit still in flight: see [`Local::settle`]).
+enum Job {
+    Apply(Vec<Change>),
+    Call(Box<dyn FnOnce(&mut Local) + Send>),
+    /// Wakes the thread when the flush in flight is done.
+    Flushed,
+}
 
 /// One change to the current generation.
 #[derive(Debug)]
@@ -75,6 +87,20 @@ impl Change {
             Change::Delete { key, .. } => key.len(),
             Change::Clear { .. } => 0,
         }
+    }
+}
+
+/// Whether applying `change` only stages a file, changing nothing readers
+/// see, so it may go ahead while the previous batch's commit is in flight.
+fn stages_only(l: &Local, change: &Change) -> bool {
+    match change {
+        Change::Put { cache, value, .. } => {
+            cache != VERSIONS_CACHE
+                && cache != UPLOADS_CACHE
+                && !l.feed.wants(cache)
+                && !l.current.flush_due(value.len())
+        }
+        Change::Delete { .. } | Change::Clear { .. } => false,
     }
 }
 
@@ -146,6 +172,28 @@ struct Local {
     /// The event stream, and this batch's events (published at commit).
     hub: Arc<Hub>,
     events: Vec<Pending>,
+    /// A committed batch whose files are being flushed while the next batch
+    /// is staged.
+    in_flight: Option<InFlight>,
+    /// The thread's own queue, for [`Job::Flushed`] (weak: the thread still
+    /// ends when every [`Applier`] handle is gone).
+    jobs: mpsc::WeakSender<Job>,
+}
+
+/// What a batch did, taken out of [`Local`] at its commit.
+struct Batch {
+    applied: Applied,
+    failed: Option<ApplyError>,
+    events: Vec<Pending>,
+}
+
+/// A commit waiting for its flush (see [`Generation::begin_flush`]).
+struct InFlight {
+    flushing: Flushing,
+    batch: Batch,
+    state: Option<LocalState>,
+    durable: bool,
+    reply: oneshot::Sender<Result<Applied, ApplyError>>,
 }
 
 impl Local {
@@ -159,14 +207,59 @@ impl Local {
         }
     }
 
-    fn take_result(&mut self) -> Result<Applied, ApplyError> {
+    fn take_batch(&mut self) -> Batch {
         self.keep.clear();
-        match self.failed.take() {
-            Some(e) => {
-                self.applied = Applied::default();
-                Err(e)
+        Batch {
+            applied: std::mem::take(&mut self.applied),
+            failed: self.failed.take(),
+            events: std::mem::take(&mut self.events),
+        }
+    }
+
+    /// Completes the commit in flight, if any: waits for its flush, puts
+    /// its files in place, and answers it. When it fails, so does the batch
+    /// being staged (its position would cover the failed one's rows).
+    fn settle(&mut self) {
+        let Some(f) = self.in_flight.take() else {
+            return;
+        };
+        let mut batch = f.batch;
+        if let Err(e) = self.current.finish_flush(f.flushing) {
+            batch.failed = Some(ApplyError {
+                what: "cannot write the cache directory".into(),
+                source: e,
+                lost_durability: false,
+            });
+        }
+        let result = finish_commit(self, batch, f.state, f.durable);
+        if result.is_err() {
+            self.fail(
+                || "the previous batch failed".into(),
+                io::Error::other("its commit failed; this batch is read again"),
+            );
+        }
+        let _ = f.reply.send(result);
+    }
+
+    fn run(&mut self, job: Job) {
+        match job {
+            Job::Apply(changes) => {
+                for change in changes {
+                    if self.failed.is_some() {
+                        return;
+                    }
+                    if self.in_flight.is_some() && !stages_only(self, &change) {
+                        self.settle();
+                    }
+                    apply_one(self, change);
+                }
             }
-            None => Ok(std::mem::take(&mut self.applied)),
+            Job::Call(f) => {
+                self.settle();
+                f(self);
+            }
+            // Only a wake-up: see the thread's loop.
+            Job::Flushed => {}
         }
     }
 }
@@ -188,6 +281,7 @@ impl Applier {
         hub: Arc<Hub>,
     ) -> Self {
         let (jobs, mut rx) = mpsc::channel::<Job>(256);
+        let own_jobs = jobs.downgrade();
         let mut local = Local {
             dir,
             current,
@@ -200,6 +294,8 @@ impl Applier {
             feed,
             hub,
             events: Vec::new(),
+            in_flight: None,
+            jobs: own_jobs,
         };
         std::thread::Builder::new()
             .name("tandem-applier".into())
@@ -209,8 +305,20 @@ impl Applier {
                     0
                 });
                 while let Some(job) = rx.blocking_recv() {
-                    job(&mut local);
+                    local.run(job);
+                    // A flush in flight is completed as soon as its files
+                    // are durable, between the next batch's chunks. Its
+                    // wake-up may have been dropped for a full queue: then
+                    // jobs were queued after it was done, so this sees it.
+                    if local
+                        .in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.flushing.synced())
+                    {
+                        local.settle();
+                    }
                 }
+                local.settle();
             })
             .expect("can spawn the applier thread");
         Self { jobs }
@@ -223,9 +331,9 @@ impl Applier {
 
     async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Local) -> T + Send + 'static) -> T {
         let (tx, rx) = oneshot::channel();
-        self.send(Box::new(move |local| {
+        self.send(Job::Call(Box::new(move |local| {
             let _ = tx.send(f(local));
-        }))
+        })))
         .await;
         rx.await
             .expect("the applier thread runs while handles exist")
@@ -247,15 +355,7 @@ impl Applier {
         if changes.is_empty() {
             return;
         }
-        self.send(Box::new(move |l| {
-            for change in changes {
-                if l.failed.is_some() {
-                    return;
-                }
-                apply_one(l, change);
-            }
-        }))
-        .await;
+        self.send(Job::Apply(changes)).await;
     }
 
     /// Makes the batch durable, then writes `state` (if any; fsynced too
@@ -290,9 +390,9 @@ impl Applier {
         durable: bool,
     ) -> oneshot::Receiver<Result<Applied, ApplyError>> {
         let (tx, rx) = oneshot::channel();
-        self.send(Box::new(move |l| {
-            let _ = tx.send(commit_now(l, state, durable));
-        }))
+        self.send(Job::Call(Box::new(move |l| {
+            commit_now(l, state, durable, tx);
+        })))
         .await;
         rx
     }
@@ -348,7 +448,7 @@ impl Applier {
         value: Vec<u8>,
         content_type: String,
     ) {
-        self.send(Box::new(move |l| {
+        self.send(Job::Call(Box::new(move |l| {
             if l.failed.is_some() {
                 return;
             }
@@ -359,7 +459,7 @@ impl Applier {
                     e,
                 );
             }
-        }))
+        })))
         .await;
     }
 
@@ -428,11 +528,15 @@ impl Applier {
     }
 }
 
+/// Commits the batch: clears, then the stage made durable and visible,
+/// then the position handed to the recorder; answers on `reply`. A large
+/// stage's flush is left in flight (see [`Local::settle`]).
 fn commit_now(
     l: &mut Local,
     state: Option<LocalState>,
     durable: bool,
-) -> Result<Applied, ApplyError> {
+    reply: oneshot::Sender<Result<Applied, ApplyError>>,
+) {
     if let Some(e) = l.recorder.take_error() {
         // The recorder failed on an earlier batch: report it here.
         l.failed.get_or_insert(e);
@@ -446,13 +550,43 @@ fn commit_now(
             }
         }
     }
-    if l.failed.is_none()
-        && let Err(e) = l.current.publish()
-    {
-        l.fail(|| "cannot write the cache directory".to_string(), e);
+    if l.failed.is_none() {
+        let jobs = l.jobs.clone();
+        // Sent from the flushing thread. Never waits: the thread may be
+        // waiting for that thread (`settle`) while the queue is full.
+        let wake = move || {
+            if let Some(jobs) = jobs.upgrade() {
+                let _ = jobs.try_send(Job::Flushed);
+            }
+        };
+        match l.current.begin_flush(wake) {
+            Ok(Some(flushing)) => {
+                l.in_flight = Some(InFlight {
+                    flushing,
+                    batch: l.take_batch(),
+                    state,
+                    durable,
+                    reply,
+                });
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => l.fail(|| "cannot write the cache directory".to_string(), e),
+        }
     }
-    let events = std::mem::take(&mut l.events);
-    if l.failed.is_some() {
+    let batch = l.take_batch();
+    let _ = reply.send(finish_commit(l, batch, state, durable));
+}
+
+/// The rest of a commit once its files are visible (or it failed): the
+/// indexes and the event stream, then the recorder.
+fn finish_commit(
+    l: &mut Local,
+    batch: Batch,
+    state: Option<LocalState>,
+    durable: bool,
+) -> Result<Applied, ApplyError> {
+    if batch.failed.is_some() {
         l.current.discard_staged();
         l.feed.abort();
     } else {
@@ -460,14 +594,126 @@ fn commit_now(
         // may have it.
         l.feed.commit(state.as_ref().map(Mark::of));
         let position = state.as_ref().map(|s| s.position.done.to_string());
-        l.hub.publish(events, position.as_deref());
+        l.hub.publish(batch.events, position.as_deref());
     }
     let dirs = l.current.take_dirty_dirs();
-    let state = if l.failed.is_none() { state } else { None };
+    let state = if batch.failed.is_none() { state } else { None };
     // Durable or not, the recorder does it behind the applier.
     l.recorder.submit(dirs, state, durable);
     let delta = l.current.take_entry_delta();
     l.entries = l.entries.saturating_add_signed(delta);
-    l.applied.entries = l.entries;
-    l.take_result()
+    match batch.failed {
+        Some(e) => Err(e),
+        None => Ok(Applied {
+            entries: l.entries,
+            ..batch.applied
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use crate::search::Search;
+
+    fn start(dir: &std::path::Path) -> (Applier, CacheDir) {
+        let env = [("TANDEM_DATA_DIR".to_string(), dir.display().to_string())].into();
+        let config = crate::config::from_str("", &env).unwrap().config;
+        let metrics = Arc::new(Metrics::new("test"));
+        let (cache, generation) = CacheDir::open(&config.cache_dir, dir, 0).unwrap();
+        let (_search, feed) = Search::start(
+            config.search.clone(),
+            dir,
+            cache.clone(),
+            generation.name(),
+            None,
+            metrics.clone(),
+        );
+        let hub = Arc::new(Hub::new(16, 16, metrics.events.clone()));
+        let applier = Applier::start(cache.clone(), generation, StateFile::new(dir), feed, hub);
+        (applier, cache)
+    }
+
+    fn puts(range: std::ops::Range<u32>, value: &str) -> Vec<Change> {
+        range
+            .map(|i| Change::Put {
+                cache: "c".into(),
+                key: format!("k{i}"),
+                value: value.as_bytes().to_vec(),
+                content_type: "text/plain".into(),
+                cleared: false,
+            })
+            .collect()
+    }
+
+    fn value(cache: &CacheDir, key: &str) -> Option<String> {
+        cache
+            .read("c", key)
+            .unwrap()
+            .map(|(v, _)| String::from_utf8(v).unwrap())
+    }
+
+    /// A large batch's flush stays in flight while the next batch arrives;
+    /// the second batch's changes still land after the first's, and each
+    /// commit is answered, whether or not anything follows it.
+    #[tokio::test]
+    async fn batches_keep_their_order_across_a_flush_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let (applier, cache) = start(dir.path());
+        applier.apply(puts(0..300, "a")).await;
+        let first = applier.commit_later(None, false).await;
+        applier.apply(puts(0..300, "b")).await;
+        applier
+            .apply(vec![Change::Delete {
+                cache: "c".into(),
+                key: "k5".into(),
+            }])
+            .await;
+        applier.apply(puts(6..7, "c")).await;
+        let second = applier.commit_later(None, false).await;
+        let first = first.await.unwrap().unwrap();
+        assert_eq!((first.puts, first.entries), (300, 300));
+        let second = second.await.unwrap().unwrap();
+        assert_eq!((second.puts, second.deletes), (301, 1));
+        assert_eq!(second.entries, 299);
+        assert_eq!(value(&cache, "k0").as_deref(), Some("b"));
+        assert_eq!(value(&cache, "k5"), None);
+        assert_eq!(value(&cache, "k6").as_deref(), Some("c"));
+        assert_eq!(value(&cache, "k299").as_deref(), Some("b"));
+
+        // A commit with nothing after it is answered too.
+        applier.apply(puts(300..600, "d")).await;
+        let third = tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            applier.commit(None, false),
+        )
+        .await
+        .expect("a lone commit is answered")
+        .unwrap();
+        assert_eq!(third.entries, 599);
+        assert_eq!(applier.entries().await, 599);
+        assert_eq!(value(&cache, "k599").as_deref(), Some("d"));
+    }
+
+    /// A failed batch in flight fails the batch staged behind it.
+    #[tokio::test]
+    async fn an_abort_after_a_flush_in_flight_keeps_the_committed_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (applier, cache) = start(dir.path());
+        applier.apply(puts(0..300, "a")).await;
+        let first = applier.commit_later(None, false).await;
+        applier.apply(puts(0..300, "b")).await;
+        applier.abort().await;
+        assert_eq!(first.await.unwrap().unwrap().puts, 300);
+        assert_eq!(value(&cache, "k0").as_deref(), Some("a"));
+        assert_eq!(applier.entries().await, 300);
+        let tmp = cache.path_of("c", "k0");
+        let generation = std::fs::canonicalize(tmp.parent().unwrap().parent().unwrap()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(generation.join(".tmp")).unwrap().count(),
+            0,
+            "the aborted batch left no temp file"
+        );
+    }
 }
