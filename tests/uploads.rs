@@ -90,6 +90,22 @@ async fn shares_uploads(kind: &str) {
     assert_eq!((s, &body[..]), (206, &big[20971000..]));
     let (s, _, _) = fetch(c, &big_id, Some("bytes=99999999-")).await;
     assert_eq!(s, 416);
+    // A small upload's first read on a host is served from the bytes it
+    // just fetched and verified: a range of them, or all of them.
+    let mid = random_bytes(1_500_000, 4);
+    let (s, meta) = upload(a, "mid.bin", "text/plain", mid.clone(), "wait=cluster").await;
+    assert_eq!(s, 201, "{meta}");
+    let mid_id = meta["id"].as_str().unwrap().to_string();
+    let (s, h, body) = fetch(bh, &mid_id, Some("bytes=1000-1999")).await;
+    assert_eq!((s, &body[..]), (206, &mid[1000..2000]));
+    assert_eq!(h["content-range"], "bytes 1000-1999/1500000");
+    assert_eq!(h["content-type"], "text/plain");
+    let (s, h, body) = fetch(c, &mid_id, None).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-length"], "1500000");
+    assert!(body == mid, "c served different bytes of its first read");
+    let (s, _, body) = fetch(bh, &mid_id, None).await;
+    assert!(s == 200 && body == mid, "b's local copy is whole");
     // The local path, for apps that open files themselves.
     let p = c.get_json(&format!("/v1/uploads/{small_id}/path")).await;
     let path = PathBuf::from(p["path"].as_str().unwrap());
@@ -130,8 +146,9 @@ async fn shares_uploads(kind: &str) {
 
     // Listing, paged, the same on every host; filtered by name.
     let all = list_all(bh).await;
-    assert_eq!(all.len(), 4, "{all:?}");
+    assert_eq!(all.len(), 5, "{all:?}");
     assert!(all.contains(&small_id) && all.contains(&big_id) && all.contains(&dropped_id));
+    assert!(all.contains(&mid_id));
     let named = c.get_json("/v1/uploads?name=report.pdf").await;
     assert_eq!(named["uploads"][0]["id"], dropped_id.as_str());
 
@@ -172,7 +189,7 @@ async fn shares_uploads(kind: &str) {
     if let Ok(r) = r {
         assert_eq!(r.status(), 413);
     }
-    assert_eq!(list_all(a).await.len(), 4);
+    assert_eq!(list_all(a).await.len(), 5);
     let client = db.client().await;
     eventually(
         "no pending upload left",

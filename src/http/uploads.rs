@@ -270,14 +270,19 @@ pub async fn get(
             return Ok(r);
         }
     };
-    let path = app.uploads.local_path(&app, &meta).await?;
+    // A small upload fetched by this very request is served from the bytes
+    // just verified instead of being read back from the new copy.
+    let (path, fetched) = app.uploads.local_copy(&app, &meta, READ_WHOLE).await?;
     let (status, start, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, meta.size),
     };
-    let body = read_local(path, start, len)
-        .await
-        .map_err(|e| ApiError::internal(format!("cannot read the local copy: {e}")))?;
+    let body = match fetched {
+        Some(bytes) => Body::from(bytes.slice(start as usize..(start + len) as usize)),
+        None => read_local(path, start, len)
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot read the local copy: {e}")))?,
+    };
     let mut response = (status, body).into_response();
     let h = response.headers_mut();
     meta_headers(&meta, h);

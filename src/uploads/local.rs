@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio_util::sync::CancellationToken;
 
@@ -16,6 +17,13 @@ use super::sink::{HashingFile, copy_hashing};
 use super::store::StoreError;
 use super::{Meta, UPLOADS_CACHE, UploadError, Uploads, valid_id};
 use crate::app::App;
+
+/// What one fetch found.
+enum Fetched {
+    /// Size and sha256 match (the bytes too, when asked for and small).
+    Verified(Option<Bytes>),
+    Mismatch,
+}
 
 /// How often each host reconciles its local copies with the registry.
 const RECONCILE_EVERY: Duration = Duration::from_secs(30);
@@ -27,9 +35,21 @@ impl Uploads {
     /// The local copy of an upload, fetched from the store (and verified)
     /// when this host has none.
     pub async fn local_path(&self, app: &App, meta: &Meta) -> Result<PathBuf, UploadError> {
+        self.local_copy(app, meta, 0).await.map(|(path, _)| path)
+    }
+
+    /// Like [`Self::local_path`]; when this call fetched an upload of at
+    /// most `keep` bytes, also the verified bytes themselves, so that the
+    /// first read need not read the new copy back.
+    pub async fn local_copy(
+        &self,
+        app: &App,
+        meta: &Meta,
+        keep: u64,
+    ) -> Result<(PathBuf, Option<Bytes>), UploadError> {
         let path = self.files.join(&meta.id);
         if self.is_verified(&meta.id) && self.usable(&path, meta) {
-            return Ok(path);
+            return Ok((path, None));
         }
         let lock = {
             let mut map = self.fetching.lock().expect("not poisoned");
@@ -37,9 +57,9 @@ impl Uploads {
         };
         let _guard = lock.lock().await;
         let result = if self.usable(&path, meta) && self.check(meta, &path).await {
-            Ok(path.clone())
+            Ok((path.clone(), None))
         } else {
-            self.fetch(app, meta, &path).await
+            self.fetch(app, meta, &path, keep).await
         };
         self.fetching.lock().expect("not poisoned").remove(&meta.id);
         result
@@ -96,22 +116,28 @@ impl Uploads {
         true
     }
 
-    async fn fetch(&self, app: &App, meta: &Meta, path: &Path) -> Result<PathBuf, UploadError> {
+    async fn fetch(
+        &self,
+        app: &App,
+        meta: &Meta,
+        path: &Path,
+        keep: u64,
+    ) -> Result<(PathBuf, Option<Bytes>), UploadError> {
         let m = &app.metrics.uploads;
         let started = Instant::now();
         let mut last = None;
         for attempt in 0..2 {
             let tmp = self.tmp.join(format!("{}.{attempt}.get", meta.id));
-            match self.fetch_once(meta, &tmp).await {
-                Ok(true) => {
+            match self.fetch_once(meta, &tmp, keep).await {
+                Ok(Fetched::Verified(bytes)) => {
                     tokio::fs::rename(&tmp, path).await?;
                     self.mark_verified(&meta.id);
                     m.fetched.inc();
                     m.fetched_bytes.inc_by(meta.size);
                     m.fetch_duration.observe(started.elapsed().as_secs_f64());
-                    return Ok(path.to_path_buf());
+                    return Ok((path.to_path_buf(), bytes));
                 }
-                Ok(false) => {
+                Ok(Fetched::Mismatch) => {
                     m.checksum_mismatches.inc();
                     tracing::error!(id = %meta.id, attempt, "fetched upload does not match its sha256; not served");
                     last = Some(UploadError::Checksum(meta.id.clone()));
@@ -133,12 +159,20 @@ impl Uploads {
         Err(last.expect("two attempts failed"))
     }
 
-    /// Fetches into `tmp`; answers whether size and sha256 match.
-    async fn fetch_once(&self, meta: &Meta, tmp: &Path) -> Result<bool, UploadError> {
+    /// Fetches into `tmp`; answers whether size and sha256 match, with the
+    /// bytes when there are at most `keep`.
+    async fn fetch_once(&self, meta: &Meta, tmp: &Path, keep: u64) -> Result<Fetched, UploadError> {
+        let verified = |size: u64, sha: &str, bytes: Option<Bytes>| {
+            if size == meta.size && sha == meta.sha256 {
+                Fetched::Verified(bytes)
+            } else {
+                Fetched::Mismatch
+            }
+        };
         if let Some(src) = self.store.file_path(&meta.id) {
             // A directory store: one blocking copy with large reads.
-            return match copy_hashing(src, tmp.to_path_buf()).await {
-                Ok((size, sha)) => Ok(size == meta.size && sha == meta.sha256),
+            return match copy_hashing(src, tmp.to_path_buf(), keep).await {
+                Ok((size, sha, bytes)) => Ok(verified(size, &sha, bytes)),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     Err(UploadError::Missing(meta.id.clone()))
                 }
@@ -147,15 +181,23 @@ impl Uploads {
         }
         let mut stream = self.store.get(&meta.id).await?;
         let mut file = HashingFile::create(tmp).await?;
+        let mut kept = (meta.size <= keep).then(Vec::new);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk?;
             if file.size + chunk.len() as u64 > meta.size {
-                return Ok(false);
+                return Ok(Fetched::Mismatch);
+            }
+            if let Some(k) = kept.as_mut() {
+                k.push(chunk.clone());
             }
             file.push(chunk).await?;
         }
         let (size, sha) = file.finish().await?;
-        Ok(size == meta.size && sha == meta.sha256)
+        let bytes = kept.map(|chunks| match <[Bytes; 1]>::try_from(chunks) {
+            Ok([one]) => one,
+            Err(chunks) => Bytes::from(chunks.concat()),
+        });
+        Ok(verified(size, &sha, bytes))
     }
 
     pub(super) fn remove_local(&self, id: &str) {

@@ -127,18 +127,41 @@ pub fn sha256_of(path: &Path) -> io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// Copies `src` to `dst` on a blocking thread, hashing as it goes;
-/// answers the size and the sha256 (hex). For stores that are a local or
-/// mounted directory, where the store's own reads are small.
-pub async fn copy_hashing(src: PathBuf, dst: PathBuf) -> io::Result<(u64, String)> {
+/// Copies `src` to `dst` on a blocking thread, hashing each block while
+/// it is written (on a second thread); answers the size, the sha256 (hex)
+/// and, when the file has at most `keep` bytes, the bytes themselves (so
+/// that whoever asked for the copy can serve them without reading it
+/// again). For stores that are a local or mounted directory, where the
+/// store's own reads are small.
+pub async fn copy_hashing(
+    src: PathBuf,
+    dst: PathBuf,
+    keep: u64,
+) -> io::Result<(u64, String, Option<Bytes>)> {
     tokio::task::spawn_blocking(move || {
         let mut to = std::fs::File::create(&dst)?;
         let mut hasher = Sha256::new();
-        let size = each_block(&src, |b| {
-            hasher.update(b);
-            to.write_all(b)
-        })?;
-        Ok((size, hex(&hasher.finalize())))
+        let mut write_hashing = |b: &[u8]| {
+            std::thread::scope(|s| {
+                let writer = s.spawn(|| to.write_all(b));
+                hasher.update(b);
+                writer
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("the writing thread panicked")))
+            })
+        };
+        let small = std::fs::metadata(&src)?.len() <= keep;
+        if small {
+            // Read whole (it may have grown: read to the end all the same).
+            let mut bytes = Vec::new();
+            std::fs::File::open(&src)?.read_to_end(&mut bytes)?;
+            write_hashing(&bytes)?;
+            let size = bytes.len() as u64;
+            let kept = (size <= keep).then(|| Bytes::from(bytes));
+            return Ok((size, hex(&hasher.finalize()), kept));
+        }
+        let size = each_block(&src, write_hashing)?;
+        Ok((size, hex(&hasher.finalize()), None))
     })
     .await
     .map_err(io::Error::other)?
@@ -173,9 +196,18 @@ mod tests {
         }
         assert_eq!(f.finish().await.unwrap(), (size, sha.clone()));
         let copy = dir.path().join("g");
-        let (n, sha2) = copy_hashing(path, copy.clone()).await.unwrap();
-        assert_eq!((n, sha2), (size, sha.clone()));
-        assert_eq!(std::fs::read(&copy).unwrap(), all);
-        assert_eq!(sha256_of(&copy).unwrap(), sha);
+        // Block by block (larger than `keep`), then whole and kept.
+        for keep in [0, size] {
+            let (n, sha2, kept) = copy_hashing(path.clone(), copy.clone(), keep)
+                .await
+                .unwrap();
+            assert_eq!((n, sha2), (size, sha.clone()));
+            assert_eq!(std::fs::read(&copy).unwrap(), all);
+            assert_eq!(sha256_of(&copy).unwrap(), sha);
+            assert_eq!(kept.is_some(), keep == size);
+            if let Some(k) = kept {
+                assert!(k == all, "the kept bytes are the file's");
+            }
+        }
     }
 }
