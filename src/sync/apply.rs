@@ -250,6 +250,11 @@ impl Local {
                     }
                     if self.in_flight.is_some() && !stages_only(self, &change) {
                         self.settle();
+                        if self.failed.is_some() {
+                            // The batch in flight failed, so does this one:
+                            // nothing more of it may land.
+                            return;
+                        }
                     }
                     apply_one(self, change);
                 }
@@ -696,7 +701,8 @@ mod tests {
         assert_eq!(value(&cache, "k599").as_deref(), Some("d"));
     }
 
-    /// A failed batch in flight fails the batch staged behind it.
+    /// An abort after a commit in flight keeps the committed batch and
+    /// drops the one staged behind it.
     #[tokio::test]
     async fn an_abort_after_a_flush_in_flight_keeps_the_committed_batch() {
         let dir = tempfile::tempdir().unwrap();
@@ -707,13 +713,44 @@ mod tests {
         applier.abort().await;
         assert_eq!(first.await.unwrap().unwrap().puts, 300);
         assert_eq!(value(&cache, "k0").as_deref(), Some("a"));
+        assert_eq!(value(&cache, "k299").as_deref(), Some("a"));
         assert_eq!(applier.entries().await, 300);
-        let tmp = cache.path_of("c", "k0");
-        let generation = std::fs::canonicalize(tmp.parent().unwrap().parent().unwrap()).unwrap();
-        assert_eq!(
-            std::fs::read_dir(generation.join(".tmp")).unwrap().count(),
-            0,
-            "the aborted batch left no temp file"
-        );
+    }
+
+    /// A batch whose files cannot be put in place fails, and so does the
+    /// batch staged behind it (its position would cover the failed rows),
+    /// even though its own files could be.
+    #[tokio::test]
+    async fn a_failed_commit_fails_the_batch_behind_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (applier, cache) = start(dir.path());
+        applier.apply(puts(0..1, "seed")).await;
+        applier.commit(None, false).await.unwrap();
+        applier.apply(puts(0..300, "a")).await;
+        // Staged (the thread takes jobs in order) before the directory goes.
+        applier.entries().await;
+        // The cache's directory becomes a file: no link into it can work.
+        let c = cache.path_of("c", "k0").parent().unwrap().to_path_buf();
+        let c = std::fs::canonicalize(c).unwrap();
+        std::fs::rename(&c, c.with_file_name("moved")).unwrap();
+        std::fs::write(&c, b"not a directory").unwrap();
+        let first = applier.commit_later(None, false).await;
+        let mut behind = puts(0..300, "b");
+        for p in &mut behind {
+            if let Change::Put { cache, .. } = p {
+                *cache = "d".into();
+            }
+        }
+        applier.apply(behind).await;
+        let second = applier.commit_later(None, false).await;
+        assert!(first.await.unwrap().is_err(), "the broken batch fails");
+        assert!(second.await.unwrap().is_err(), "so does the one behind it");
+        assert_eq!(cache.read("d", "k0").unwrap(), None, "nothing of it landed");
+        // The page is read again after an abort: the next batch works.
+        applier.abort().await;
+        std::fs::remove_file(&c).unwrap();
+        applier.apply(puts(0..300, "c")).await;
+        assert_eq!(applier.commit(None, false).await.unwrap().puts, 300);
+        assert_eq!(value(&cache, "k1").as_deref(), Some("c"));
     }
 }
