@@ -81,7 +81,6 @@ pub struct Generation {
 /// [`Generation::begin_flush`]); its files are not in place yet.
 pub struct Flushing {
     staged: Vec<Staged>,
-    files: usize,
     sync: std::thread::JoinHandle<rustix::io::Result<std::time::Duration>>,
     synced: Arc<AtomicBool>,
 }
@@ -392,8 +391,7 @@ impl Generation {
         if self.staged.is_empty() {
             return Ok(None);
         }
-        let files = self.staged.len();
-        if self.flush_costs.choose(files) == Method::PerFile {
+        if self.flush_costs.choose(self.staged.len()) == Method::PerFile {
             return self.flush_now(Method::PerFile).map(|()| None);
         }
         let dir = File::open(&self.tmp)?;
@@ -416,7 +414,6 @@ impl Generation {
         self.flushing_unnamed = self.open_unnamed;
         Ok(Some(Flushing {
             staged: self.take_stage(),
-            files,
             sync,
             synced,
         }))
@@ -431,7 +428,8 @@ impl Generation {
         let synced = f.sync.join().unwrap_or(Err(rustix::io::Errno::IO));
         match synced {
             Ok(took) => {
-                self.flush_costs.record(Method::Syncfs, f.files, took);
+                self.flush_costs
+                    .record(Method::Syncfs, f.staged.len(), took);
                 self.link_all(f.staged)
             }
             Err(e) => {

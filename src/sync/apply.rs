@@ -641,9 +641,13 @@ mod tests {
     }
 
     fn puts(range: std::ops::Range<u32>, value: &str) -> Vec<Change> {
+        puts_in("c", range, value)
+    }
+
+    fn puts_in(cache: &str, range: std::ops::Range<u32>, value: &str) -> Vec<Change> {
         range
             .map(|i| Change::Put {
-                cache: "c".into(),
+                cache: cache.into(),
                 key: format!("k{i}"),
                 value: value.as_bytes().to_vec(),
                 content_type: "text/plain".into(),
@@ -735,13 +739,7 @@ mod tests {
         std::fs::rename(&c, c.with_file_name("moved")).unwrap();
         std::fs::write(&c, b"not a directory").unwrap();
         let first = applier.commit_later(None, false).await;
-        let mut behind = puts(0..300, "b");
-        for p in &mut behind {
-            if let Change::Put { cache, .. } = p {
-                *cache = "d".into();
-            }
-        }
-        applier.apply(behind).await;
+        applier.apply(puts_in("d", 0..300, "b")).await;
         let second = applier.commit_later(None, false).await;
         assert!(first.await.unwrap().is_err(), "the broken batch fails");
         assert!(second.await.unwrap().is_err(), "so does the one behind it");
