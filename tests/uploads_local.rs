@@ -1,13 +1,15 @@
 //! One host's side of shared uploads: memory stays flat for a 1 GiB body
-//! read back on another host, and a local copy found on disk after a restart
-//! is verified before it is served.
+//! read back on another host, a local copy found on disk after a restart
+//! is verified before it is served, and a read before the registration is
+//! applied here verifies against the database's metadata.
 
 mod common;
 
 use std::time::Duration;
 
 use common::uploads::{
-    backend, fetch, hex, hosts, kib_of, numbered_gib, numbered_gib_sha, random_bytes, upload,
+    Backend, backend, fetch, hex, hosts, kib_of, numbered_gib, numbered_gib_sha, random_bytes, sha,
+    upload,
 };
 use common::{Host, TestDb, tempdir};
 use serde_json::Value;
@@ -150,4 +152,89 @@ async fn a_host_clock_ahead_of_the_database_does_not_abandon_uploads() {
     .unwrap();
     c.query_one(expire, &[]).await.unwrap();
     assert_eq!(state('a').await, "abandoned");
+}
+
+/// A read on a host that has not applied an upload's registration yet (as
+/// a read on another host right after the upload; here it never will: the
+/// rows are written straight into the registry, without a log row) takes
+/// the metadata from the database. The object is served and kept only if
+/// it matches that metadata (a small one, read whole, and a larger one);
+/// for one that does not match, or is in the store but not registered,
+/// nothing is served and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_before_the_registration_is_applied() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let b = backend("file", root.path()).await;
+    let Backend::File(store) = &b else {
+        unreachable!("a directory store")
+    };
+    let hs = hosts(&db, root.path(), &b, &["a"]).await;
+    let h = &hs[0];
+    let c = db.client().await;
+    let register = |id: String, body: &[u8]| {
+        let (c, size, sha) = (&c, body.len() as i64, sha(body));
+        async move {
+            c.execute(
+                "INSERT INTO tandem.uploads (id, state, name, content_type, size, sha256, origin, \
+                 ttl, stored_at, expires_at) VALUES ($1, 'stored', 'f.bin', 'text/plain', $2, $3, \
+                 'elsewhere', interval '1 hour', now(), now() + interval '1 hour')",
+                &[&id, &size, &sha],
+            )
+            .await
+            .unwrap();
+        }
+    };
+    // (id, bytes in the store, bytes registered, expected status)
+    let small = random_bytes(300_000, 11);
+    let large = random_bytes(3 << 20, 12);
+    let cases = [
+        ("1".repeat(32), small.clone(), Some(small.clone()), 200),
+        ("2".repeat(32), large.clone(), Some(large.clone()), 200),
+        (
+            "3".repeat(32),
+            small.clone(),
+            Some(random_bytes(300_000, 13)),
+            502,
+        ),
+        ("4".repeat(32), small.clone(), None, 404),
+    ];
+    for (id, stored, registered, _) in &cases {
+        std::fs::write(store.join(id), stored).unwrap();
+        if let Some(r) = registered {
+            register(id.clone(), r).await;
+        }
+    }
+    let files = h.dir.join("uploads/files");
+    for (id, stored, _, status) in &cases {
+        let (s, headers, body) = fetch(h, id, None).await;
+        let text = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+        assert_eq!(s, *status, "{id}: {text}");
+        if *status == 200 {
+            assert!(body == *stored, "{id}: different bytes served");
+            assert_eq!(headers["content-type"], "text/plain");
+            assert_eq!(std::fs::read(files.join(id)).unwrap(), *stored, "{id} kept");
+            // And again, from the local copy, with a range.
+            let (s, _, part) = fetch(h, id, Some("bytes=5-9")).await;
+            assert_eq!((s, &part[..]), (206, &stored[5..10]));
+        } else {
+            assert!(!files.join(id).exists(), "{id}: no local copy");
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(h.dir.join("uploads/tmp"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "temp files left: {left:?}");
+    assert_eq!(
+        h.metric("tandem_uploads_fetched_total").await.unwrap(),
+        2.0,
+        "the two good reads are counted as fetches"
+    );
+    assert!(
+        h.metric("tandem_uploads_checksum_mismatches_total")
+            .await
+            .unwrap()
+            >= 1.0
+    );
 }
