@@ -28,7 +28,8 @@
 //! BENCH_QUIET_WAIT and BENCH_MIN_FILE_RATE (wait before starting for a
 //! quiet disk and a quick filesystem: see `common::wait_for_quiet_machine`;
 //! the machine's state is printed at the start and the end either way),
-//! TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
+//! BENCH_CATCH_UP_ENV (settings for the catch-up host, e.g.
+//! `TANDEM_SYNC_BATCH_SIZE=5000`), TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -110,10 +111,28 @@ async fn queries(h: &Host) -> f64 {
         .sum()
 }
 
+/// Where wrk runs: on any core with two threads, or on CPU 0 alone with one
+/// (the server under test then has CPU 1 to itself).
+#[derive(Clone, Copy, PartialEq)]
+enum Cores {
+    Shared,
+    Split,
+}
+
 /// Runs wrk and returns (req/s, p50 ms, p99 ms).
-fn wrk(url: &str, secs: u64) -> (f64, f64, f64) {
-    let out = Command::new("wrk")
-        .args(["-t2", "-c32", &format!("-d{secs}s"), "--latency", url])
+fn wrk(url: &str, secs: u64, cores: Cores) -> (f64, f64, f64) {
+    let d = format!("-d{secs}s");
+    let mut cmd = match cores {
+        Cores::Shared => Command::new("wrk"),
+        Cores::Split => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "0", "wrk"]);
+            c
+        }
+    };
+    let threads = if cores == Cores::Shared { "-t2" } else { "-t1" };
+    let out = cmd
+        .args([threads, "-c32", &d, "--latency", url])
         .output()
         .expect("wrk is installed (scripts/install-test-deps.sh --bench)");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -148,7 +167,9 @@ fn wrk(url: &str, secs: u64) -> (f64, f64, f64) {
     (rps, pct("50%"), pct("99%"))
 }
 
-fn start_nginx(root: &Path, dir: &Path) -> (std::process::Child, u16) {
+/// Starts nginx on `root`: with a worker per core (`Cores::Shared`), or
+/// with one worker, all of it on CPU 1 (`Cores::Split`).
+fn start_nginx(root: &Path, dir: &Path, cores: Cores) -> (std::process::Child, u16) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -158,18 +179,27 @@ fn start_nginx(root: &Path, dir: &Path) -> (std::process::Child, u16) {
     std::fs::write(
         &conf,
         format!(
-            "worker_processes auto;\ndaemon off;\nmaster_process on;\nuser root;\npid {dir}/nginx.pid;\n\
+            "worker_processes {workers};\ndaemon off;\nmaster_process on;\nuser root;\npid {dir}/nginx.pid;\n\
              error_log {dir}/nginx-error.log;\nevents {{ worker_connections 1024; }}\n\
              http {{ access_log off; sendfile on; tcp_nopush on; keepalive_requests 1000000;\n\
                client_body_temp_path {dir}; proxy_temp_path {dir}; fastcgi_temp_path {dir}; uwsgi_temp_path {dir}; scgi_temp_path {dir};\n\
                default_type application/octet-stream;\n\
                server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }} }}\n",
             dir = dir.display(),
-            root = root.display()
+            root = root.display(),
+            workers = if cores == Cores::Shared { "auto" } else { "1" },
         ),
     )
     .unwrap();
-    let child = Command::new("nginx")
+    let mut cmd = match cores {
+        Cores::Shared => Command::new("nginx"),
+        Cores::Split => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1", "nginx"]);
+            c
+        }
+    };
+    let child = cmd
         .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
         .stderr(Stdio::null())
         .spawn()
@@ -408,12 +438,38 @@ async fn idle(hosts: &[Host]) {
     }
 }
 
-/// Phase 3: GET of a 1 KiB value, tandem vs nginx on the same file.
+/// Phase 3: GET of a 1 KiB value, tandem vs nginx on the same file: first
+/// with wrk and the servers sharing both cores, then (on 2+ cores) with wrk
+/// on CPU 0 and the server on CPU 1, so that what is measured is the
+/// server's latency rather than its contention with the load generator.
 async fn reads(host: &Host) {
     host.put("bench", "read-1k", &[b'v'; 1024], "?wait=local")
         .await;
+    println!();
+    println!("3. Reads: GET of a 1 KiB value, wrk -c32 -d10s (same machine, same file)");
+    read_pair(host, Cores::Shared).await;
+    if num_cpus() >= 2 {
+        let pid = host.pid().expect("the host runs").to_string();
+        taskset(&["-a", "-p", "-c", "1", &pid]);
+        read_pair(host, Cores::Split).await;
+        let all = format!("0-{}", num_cpus() - 1);
+        taskset(&["-a", "-p", "-c", &all, &pid]);
+    }
+}
+
+fn taskset(args: &[&str]) {
+    let status = Command::new("taskset")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .expect("taskset (util-linux) is installed");
+    assert!(status.success(), "taskset {args:?} failed");
+}
+
+/// One side-by-side read measurement, tandem then nginx.
+async fn read_pair(host: &Host, cores: Cores) {
     let nginx_dir = tempdir();
-    let (mut nginx, port) = start_nginx(&host.cache_dir(), nginx_dir.path());
+    let (mut nginx, port) = start_nginx(&host.cache_dir(), nginx_dir.path(), cores);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let nginx_url = format!("http://127.0.0.1:{port}/bench/read-1k");
     let check = host.http.get(&nginx_url).send().await.unwrap();
@@ -423,18 +479,24 @@ async fn reads(host: &Host) {
         "nginx serves the file"
     );
     let tandem_url = host.url("/v1/cache/bench/read-1k");
-    let _ = wrk(&tandem_url, 2);
-    let _ = wrk(&nginx_url, 2);
-    let t = wrk(&tandem_url, 10);
-    let n = wrk(&nginx_url, 10);
+    let _ = wrk(&tandem_url, 2, cores);
+    let _ = wrk(&nginx_url, 2, cores);
+    let t = wrk(&tandem_url, 10, cores);
+    let n = wrk(&nginx_url, 10, cores);
     // SIGQUIT: nginx's graceful stop, which also ends its workers.
     let _ = Command::new("kill")
         .arg("-QUIT")
         .arg(nginx.id().to_string())
         .status();
     let _ = nginx.wait();
-    println!();
-    println!("3. Reads: GET of a 1 KiB value, wrk -t2 -c32 -d10s (same machine, same file)");
+    match cores {
+        Cores::Shared => println!(
+            "   a) wrk -t2 and the servers share every core (tandem: its usual threads; nginx: worker_processes auto)"
+        ),
+        Cores::Split => println!(
+            "   b) wrk -t1 on CPU 0, the server on CPU 1 (tandem: all its threads; nginx: worker_processes 1)"
+        ),
+    }
     println!(
         "   tandem   {:9.0} req/s   p50 {:.3} ms   p99 {:.3} ms",
         t.0, t.1, t.2
@@ -466,6 +528,16 @@ async fn catch_up(db: &TestDb, host: &mut Host) {
             .await
             .unwrap();
         last_token = row.get(0);
+    }
+    // Any `TANDEM_*` setting for the catch-up host alone, such as
+    // BENCH_CATCH_UP_ENV="TANDEM_SYNC_BATCH_SIZE=5000" (space-separated).
+    for pair in std::env::var("BENCH_CATCH_UP_ENV")
+        .unwrap_or_default()
+        .split_whitespace()
+    {
+        if let Some((k, v)) = pair.split_once('=') {
+            host.set_env(k, v);
+        }
     }
     let started = Instant::now();
     host.spawn().await;

@@ -574,7 +574,9 @@ pub fn machine_pressure(dir: &Path) -> String {
 }
 
 /// Waits up to `BENCH_QUIET_WAIT` seconds (default 0: not at all) until the
-/// machine's I/O pressure over the last 10 s is under 5 % and one thread
+/// machine's I/O pressure is under 5 % over the last 10 s and under 10 %
+/// over the last minute (a previous run's writeback and deletions show in
+/// the minute after it long after the last 10 s look calm) and one thread
 /// creates at least `BENCH_MIN_FILE_RATE` files/s (default 30,000) under
 /// `dir`, so that a run starts neither in the previous run's writeback nor
 /// in the minutes after its mass deletion of files. Says how long it waited.
@@ -584,7 +586,7 @@ pub async fn wait_for_quiet_machine(dir: &Path) {
     let start = Instant::now();
     let mut quiet = limit.is_zero();
     while !quiet && start.elapsed() < limit {
-        let io_busy = matches!(pressure("io"), Some((a10, _)) if a10 >= 5.0);
+        let io_busy = matches!(pressure("io"), Some((a10, a60)) if a10 >= 5.0 || a60 >= 10.0);
         quiet = !io_busy && file_creation_rate(dir) >= min_rate;
         if !quiet {
             let pause = if io_busy { 2 } else { 10 };
