@@ -29,7 +29,8 @@
 //! quiet disk and a quick filesystem: see `common::wait_for_quiet_machine`;
 //! the machine's state is printed at the start and the end either way),
 //! BENCH_CATCH_UP_ENV (settings for the catch-up host, e.g.
-//! `TANDEM_SYNC_BATCH_SIZE=5000`), TANDEM_BENCH_DATABASE_URL (an existing server instead of a throwaway one).
+//! `TANDEM_SYNC_BATCH_SIZE=5000`), TANDEM_BENCH_DATABASE_URL (an existing
+//! server instead of a throwaway one).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -119,19 +120,23 @@ enum Cores {
     Split,
 }
 
+/// `program`, run on any core (`Cores::Shared`) or on `cpu` alone.
+fn command(program: &str, cores: Cores, cpu: &str) -> Command {
+    match cores {
+        Cores::Shared => Command::new(program),
+        Cores::Split => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpu, program]);
+            c
+        }
+    }
+}
+
 /// Runs wrk and returns (req/s, p50 ms, p99 ms).
 fn wrk(url: &str, secs: u64, cores: Cores) -> (f64, f64, f64) {
     let d = format!("-d{secs}s");
-    let mut cmd = match cores {
-        Cores::Shared => Command::new("wrk"),
-        Cores::Split => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "0", "wrk"]);
-            c
-        }
-    };
     let threads = if cores == Cores::Shared { "-t2" } else { "-t1" };
-    let out = cmd
+    let out = command("wrk", cores, "0")
         .args([threads, "-c32", &d, "--latency", url])
         .output()
         .expect("wrk is installed (scripts/install-test-deps.sh --bench)");
@@ -191,15 +196,7 @@ fn start_nginx(root: &Path, dir: &Path, cores: Cores) -> (std::process::Child, u
         ),
     )
     .unwrap();
-    let mut cmd = match cores {
-        Cores::Shared => Command::new("nginx"),
-        Cores::Split => {
-            let mut c = Command::new("taskset");
-            c.args(["-c", "1", "nginx"]);
-            c
-        }
-    };
-    let child = cmd
+    let child = command("nginx", cores, "1")
         .args(["-c", conf.to_str().unwrap(), "-p", dir.to_str().unwrap()])
         .stderr(Stdio::null())
         .spawn()
