@@ -14,6 +14,13 @@
 //!   latency p50/p99 of upload-then-read, and throughput (bytes moved twice,
 //!   in and out, over the time of both).
 //!
+//! Beside the floor the issue names, a second reference: the HTTP floor,
+//! the same `put` and `get` behind one HTTP hop each way (a bare axum
+//! server in this process: `PUT` takes the whole body and `put`s it, `GET`
+//! answers the bytes of a `get`; no hashing, no registry, no local copy,
+//! bodies held in memory). It shows what moving the bytes through HTTP
+//! costs by itself, and what tandem adds to that.
+//!
 //! A tandem round is `POST /v1/uploads` on A (answered once the upload is
 //! in the store and registered), then `GET /v1/uploads/{id}` on B, read to
 //! the end: B has not applied the registration yet, looks it up in the
@@ -36,6 +43,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
 use bytes::Bytes;
 use common::s3::S3Server;
 use common::uploads::{kib_of, numbered_gib};
@@ -172,6 +183,70 @@ async fn floor_round(store: &dyn ObjectStore, i: usize, body: Bytes) -> (f64, f6
     (up, down)
 }
 
+/// The HTTP floor's server (see the top of this file), on this process's
+/// runtime: its base URL.
+async fn http_floor(store: Arc<dyn ObjectStore>) -> String {
+    type St = State<Arc<dyn ObjectStore>>;
+    async fn put(State(store): St, UrlPath(name): UrlPath<String>, body: Body) -> StatusCode {
+        let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
+            return StatusCode::BAD_REQUEST;
+        };
+        let path = ObjectPath::from(format!("http/{name}"));
+        match store.put(&path, PutPayload::from(bytes)).await {
+            Ok(_) => StatusCode::CREATED,
+            Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+    async fn get(State(store): St, UrlPath(name): UrlPath<String>) -> Result<Bytes, StatusCode> {
+        let path = ObjectPath::from(format!("http/{name}"));
+        let got = store.get(&path).await.map_err(|_| StatusCode::NOT_FOUND)?;
+        got.bytes()
+            .await
+            .map_err(|_| StatusCode::SERVICE_UNAVAILABLE)
+    }
+    let router = Router::new()
+        .route("/o/{name}", axum::routing::put(put).get(get))
+        .with_state(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    url
+}
+
+/// One HTTP floor round: PUT, then GET read to the end.
+async fn http_floor_round(
+    client: &reqwest::Client,
+    url: &str,
+    store: &dyn ObjectStore,
+    i: usize,
+    body: Bytes,
+) -> (f64, f64) {
+    let len = body.len() as u64;
+    let t0 = Instant::now();
+    let r = client
+        .put(format!("{url}/o/{i}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let up = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut r = client.get(format!("{url}/o/{i}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let mut n = 0u64;
+    while let Some(c) = r.chunk().await.unwrap() {
+        n += c.len() as u64;
+    }
+    assert_eq!(n, len);
+    let down = t1.elapsed().as_secs_f64();
+    store
+        .delete(&ObjectPath::from(format!("http/{i}")))
+        .await
+        .unwrap();
+    (up, down)
+}
+
 fn line(label: &str, mut v: Vec<f64>) -> (f64, String) {
     let n = v.len();
     let p50 = percentile(&mut v, 0.5) * 1000.0;
@@ -216,8 +291,17 @@ async fn bench_store(pg: &Pg, kind: &str) {
         .timeout(Duration::from_secs(900))
         .build()
         .unwrap();
+    let http = http_floor(st.floor.clone()).await;
     tandem_round(&client, &a, &b, random_bytes(9 * MIB, 1)).await;
     floor_round(st.floor.as_ref(), 0, random_bytes(9 * MIB, 1)).await;
+    http_floor_round(
+        &client,
+        &http,
+        st.floor.as_ref(),
+        0,
+        random_bytes(9 * MIB, 1),
+    )
+    .await;
 
     memory(&client, &a, &b).await;
 
@@ -226,7 +310,8 @@ async fn bench_store(pg: &Pg, kind: &str) {
     let mut small_added = f64::NAN;
     for (size, rounds) in [(MIB, small), (100 * MIB, large)] {
         let body = random_bytes(size, size as u64);
-        let (mut t_total, mut f_total) = (Vec::new(), Vec::new());
+        let (mut t_total, mut f_total, mut h_total) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut h_up, mut h_down) = (Vec::new(), Vec::new());
         let (mut t_up, mut t_down, mut t_again, mut f_up, mut f_down) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..rounds {
@@ -239,10 +324,15 @@ async fn bench_store(pg: &Pg, kind: &str) {
             f_up.push(u);
             f_down.push(d);
             f_total.push(u + d);
+            let (u, d) = http_floor_round(&client, &http, st.floor.as_ref(), i, body.clone()).await;
+            h_up.push(u);
+            h_down.push(d);
+            h_total.push(u + d);
         }
         let moved = (2 * size * rounds) as f64 / MIB as f64;
         let t_tput = moved / t_total.iter().sum::<f64>();
         let f_tput = moved / f_total.iter().sum::<f64>();
+        let h_tput = moved / h_total.iter().sum::<f64>();
         println!("   {} MiB files, {rounds} rounds each", size / MIB);
         let (tp50, l) = line("tandem upload+read", t_total);
         println!("{l}");
@@ -253,9 +343,16 @@ async fn bench_store(pg: &Pg, kind: &str) {
         println!("{l}");
         println!("{}", line("  put", f_up).1);
         println!("{}", line("  get", f_down).1);
+        println!("{}", line("HTTP floor PUT+GET", h_total).1);
+        println!("{}", line("  PUT", h_up).1);
+        println!("{}", line("  GET", h_down).1);
         println!(
             "      throughput: tandem {t_tput:8.1} MiB/s   floor {f_tput:8.1} MiB/s   = {:5.1} % of the floor (target >= 80 %)",
             100.0 * t_tput / f_tput
+        );
+        println!(
+            "                  HTTP floor {h_tput:8.1} MiB/s: tandem = {:5.1} % of it (a reference; no target)",
+            100.0 * t_tput / h_tput
         );
         println!("      added latency at p50: {:+.2} ms", tp50 - fp50);
         if size == MIB {

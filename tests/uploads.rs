@@ -11,7 +11,7 @@ use common::uploads::{
     Backend, backend, fetch, hosts, list_all, post_expecting_continue, random_bytes, sha,
     status_of, upload,
 };
-use common::{TestDb, eventually, tempdir};
+use common::{Host, TestDb, eventually, tempdir};
 use serde_json::Value;
 
 async fn shares_uploads(kind: &str) {
@@ -135,6 +135,18 @@ async fn shares_uploads(kind: &str) {
     let dropped_id = r["id"].as_str().unwrap().to_string();
     let (s, _, body) = fetch(c, &dropped_id, None).await;
     assert!(s == 200 && body == dropped, "{s}");
+    // A symlink (to a file outside the directory) and a FIFO renamed in are
+    // never taken, and do not stall the watcher.
+    let secret = a.dir.join("secret.txt");
+    std::fs::write(&secret, b"not for upload").unwrap();
+    std::os::unix::fs::symlink(&secret, a.dir.join("link.txt")).unwrap();
+    std::fs::rename(a.dir.join("link.txt"), incoming.join("link.txt")).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(a.dir.join("pipe"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::rename(a.dir.join("pipe"), incoming.join("pipe")).unwrap();
     // Closed after writing (no rename) is taken too.
     std::fs::write(incoming.join("notes.txt"), b"hello").unwrap();
     eventually(
@@ -143,6 +155,14 @@ async fn shares_uploads(kind: &str) {
         || async { a.dir.join("uploads/receipts/notes.txt.json").exists() },
     )
     .await;
+    for name in ["link.txt", "pipe"] {
+        let receipt = a.dir.join(format!("uploads/receipts/{name}.json"));
+        assert!(!receipt.exists(), "{name} was taken");
+        assert!(
+            incoming.join(name).symlink_metadata().is_ok(),
+            "{name} left alone"
+        );
+    }
 
     // Listing, paged, the same on every host; filtered by name.
     let all = list_all(bh).await;
@@ -325,8 +345,13 @@ async fn outage_and_crash(kind: &str) {
         (503, Some("store_unavailable")),
         "{body}"
     );
+    // The failed upload is marked abandoned at once (it can no longer be
+    // registered); its leftovers go once the store is back.
     let rows = client
-        .query("SELECT id || state FROM tandem.uploads", &[])
+        .query(
+            "SELECT id || state FROM tandem.uploads WHERE state <> 'abandoned'",
+            &[],
+        )
         .await
         .unwrap();
     assert!(
@@ -368,6 +393,21 @@ async fn outage_and_crash(kind: &str) {
     let r: Value = serde_json::from_slice(&std::fs::read(&receipt).unwrap()).unwrap();
     let (s, _, body) = fetch(&hs[1], r["id"].as_str().unwrap(), None).await;
     assert_eq!((s, &body[..]), (200, &b"stored later"[..]));
+    eventually(
+        "the uploads that failed during the outage cleaned",
+        Duration::from_secs(30),
+        || async {
+            let left = client
+                .query("SELECT id FROM tandem.uploads WHERE state <> 'stored'", &[])
+                .await
+                .unwrap();
+            left.is_empty() && b.objects().await.len() == 1
+        },
+    )
+    .await;
+    // Host a is restarted below (its count starts again): b's count is the
+    // baseline.
+    let abandoned_before = abandoned_total(&hs[1..]).await;
 
     // A crash mid-upload (after two parts of a multipart upload went out):
     // nothing is registered, and the expiry job removes the partial bytes
@@ -429,16 +469,7 @@ async fn outage_and_crash(kind: &str) {
     eventually(
         "the abandoned upload counted",
         Duration::from_secs(10),
-        || async {
-            let mut abandoned = 0.0;
-            for h in &hs {
-                abandoned += h
-                    .metric("tandem_uploads_abandoned_total")
-                    .await
-                    .unwrap_or(0.0);
-            }
-            abandoned == 1.0
-        },
+        || async { abandoned_total(&hs).await == abandoned_before + 1.0 },
     )
     .await;
     // The tmp copy of the partial upload did not survive the restart.
@@ -448,6 +479,19 @@ async fn outage_and_crash(kind: &str) {
             .count(),
         0
     );
+}
+
+/// Abandoned uploads the expiry job cleaned, summed over the hosts (a
+/// restarted host's count starts again from zero).
+async fn abandoned_total(hs: &[Host]) -> f64 {
+    let mut abandoned = 0.0;
+    for h in hs {
+        abandoned += h
+            .metric("tandem_uploads_abandoned_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    abandoned
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

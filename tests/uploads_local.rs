@@ -1,7 +1,8 @@
 //! One host's side of shared uploads: memory stays flat for a 1 GiB body
 //! read back on another host, a local copy found on disk after a restart
 //! is verified before it is served, and a read before the registration is
-//! applied here verifies against the database's metadata.
+//! applied here verifies against the database's metadata, and many first
+//! reads at once share one fetch.
 
 mod common;
 
@@ -161,6 +162,19 @@ async fn a_host_clock_ahead_of_the_database_does_not_abandon_uploads() {
 /// it matches that metadata (a small one, read whole, and a larger one);
 /// for one that does not match, or is in the store but not registered,
 /// nothing is served and nothing is left behind.
+/// Registers `body` as upload `id` stored by another host (`text/plain`,
+/// for an hour), straight in the database.
+async fn register_elsewhere(c: &tokio_postgres::Client, id: &str, body: &[u8]) {
+    c.execute(
+        "INSERT INTO tandem.uploads (id, state, name, content_type, size, sha256, origin, \
+         ttl, stored_at, expires_at) VALUES ($1, 'stored', 'f.bin', 'text/plain', $2, $3, \
+         'elsewhere', interval '1 hour', now(), now() + interval '1 hour')",
+        &[&id, &(body.len() as i64), &sha(body)],
+    )
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_before_the_registration_is_applied() {
     let db = TestDb::new().await;
@@ -172,19 +186,6 @@ async fn a_read_before_the_registration_is_applied() {
     let hs = hosts(&db, root.path(), &b, &["a"]).await;
     let h = &hs[0];
     let c = db.client().await;
-    let register = |id: String, body: &[u8]| {
-        let (c, size, sha) = (&c, body.len() as i64, sha(body));
-        async move {
-            c.execute(
-                "INSERT INTO tandem.uploads (id, state, name, content_type, size, sha256, origin, \
-                 ttl, stored_at, expires_at) VALUES ($1, 'stored', 'f.bin', 'text/plain', $2, $3, \
-                 'elsewhere', interval '1 hour', now(), now() + interval '1 hour')",
-                &[&id, &size, &sha],
-            )
-            .await
-            .unwrap();
-        }
-    };
     // (id, bytes in the store, bytes registered, expected status)
     let small = random_bytes(300_000, 11);
     let large = random_bytes(3 << 20, 12);
@@ -202,7 +203,7 @@ async fn a_read_before_the_registration_is_applied() {
     for (id, stored, registered, _) in &cases {
         std::fs::write(store.join(id), stored).unwrap();
         if let Some(r) = registered {
-            register(id.clone(), r).await;
+            register_elsewhere(&c, id, r).await;
         }
     }
     let files = h.dir.join("uploads/files");
@@ -236,5 +237,59 @@ async fn a_read_before_the_registration_is_applied() {
             .await
             .unwrap()
             >= 1.0
+    );
+}
+
+/// Many reads at once of an upload this host has no copy of: while the
+/// store holds the wrong bytes, every read fails (never a partly written or
+/// mixed copy served) and leaves no temporary file; once the store holds
+/// the right bytes, every read gets them whole, from one shared fetch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_reads_share_one_fetch() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let b = backend("file", root.path()).await;
+    let Backend::File(store) = &b else {
+        unreachable!("a directory store")
+    };
+    let hs = hosts(&db, root.path(), &b, &["a"]).await;
+    let h = &hs[0];
+    let id = "5".repeat(32);
+    let body = random_bytes(6 << 20, 21);
+    register_elsewhere(&db.client().await, &id, &body).await;
+    let mut wrong = body.clone();
+    wrong[4 << 20] ^= 1;
+    std::fs::write(store.join(&id), &wrong).unwrap();
+    let reads = |n: usize| {
+        let id = id.clone();
+        async move {
+            let all = (0..n).map(|_| fetch(h, &id, None));
+            futures_util::future::join_all(all).await
+        }
+    };
+    for (s, _, got) in reads(12).await {
+        assert_eq!(s, 502, "{}", String::from_utf8_lossy(&got));
+    }
+    let tmp = h.dir.join("uploads/tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temp files left"
+    );
+    assert!(!h.dir.join("uploads/files").join(&id).exists());
+    std::fs::write(store.join(&id), &body).unwrap();
+    for (s, _, got) in reads(12).await {
+        assert_eq!(s, 200);
+        assert!(got == body, "different bytes served");
+    }
+    assert_eq!(
+        h.metric("tandem_uploads_fetched_total").await.unwrap(),
+        1.0,
+        "one fetch served them all"
+    );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temp files left"
     );
 }

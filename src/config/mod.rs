@@ -619,6 +619,10 @@ mod tests {
                 "api.token_file",
             ),
             ("sync = 3\n", "sync"),
+            (
+                "[uploads]\nabandon_after = \"0s\"\n",
+                "uploads.abandon_after",
+            ),
         ];
         for (text, key) in cases {
             let e = from_str(text, &env(&[])).expect_err(text);

@@ -68,6 +68,14 @@ pub(super) fn validate(raw: RawUploads, data_dir: &Path) -> Result<UploadsConfig
             "must be at least 500ms",
         ));
     }
+    let abandon_after = duration("uploads.abandon_after", raw.abandon_after)?;
+    if abandon_after < Duration::from_secs(60) {
+        // Shorter would abandon uploads still streaming in.
+        return Err(ConfigError::key(
+            "uploads.abandon_after",
+            "must be at least 1m (the longest an upload may take)",
+        ));
+    }
     let secret_access_key = match nonempty_path(raw.secret_access_key_file) {
         Some(p) => Some(read_secret_file("uploads.secret_access_key_file", &p)?),
         None => None,
@@ -81,7 +89,7 @@ pub(super) fn validate(raw: RawUploads, data_dir: &Path) -> Result<UploadsConfig
         mirror: flag("uploads.mirror", raw.mirror),
         local_cache_size: size("uploads.local_cache_size", raw.local_cache_size)?,
         expire_every,
-        abandon_after: duration("uploads.abandon_after", raw.abandon_after)?,
+        abandon_after,
         endpoint: nonempty(raw.endpoint),
         region: nonempty(raw.region),
         access_key_id: nonempty(raw.access_key_id),

@@ -31,7 +31,7 @@ pub struct Queries {
     pub upload_multipart: String,
     pub upload_register: String,
     pub upload_register_ack: String,
-    pub upload_discard: String,
+    pub upload_abandon: String,
     pub upload_delete: String,
     pub upload_delete_ack: String,
     pub upload_forget: String,
@@ -109,9 +109,8 @@ impl Queries {
                 "SELECT {schema}.upload_begin($1::text, $2::text, $3::text, $4::text, \
                  make_interval(secs => $5::float8), to_timestamp($6::float8))",
             ),
-            upload_multipart: r(
-                "UPDATE {schema}.uploads SET multipart_id = $2::text WHERE id = $1::text AND state = 'pending'",
-            ),
+            upload_multipart: r("UPDATE {schema}.uploads SET multipart_id = $2::text \
+                 WHERE id = $1::text AND state = 'pending' RETURNING id"),
             upload_register: r(
                 "SELECT tx::text, meta::text FROM {schema}.upload_register($1::text, $2::int8, $3::text)",
             ),
@@ -119,9 +118,8 @@ impl Queries {
                 "SELECT u.tx::text, u.meta::text, {schema}.request_ack()::text \
                  FROM {schema}.upload_register($1::text, $2::int8, $3::text) u",
             ),
-            upload_discard: r(
-                "DELETE FROM {schema}.uploads WHERE id = $1::text AND state = 'pending'",
-            ),
+            upload_abandon: r("UPDATE {schema}.uploads SET state = 'abandoned' \
+                 WHERE id = $1::text AND state = 'pending' RETURNING multipart_id"),
             upload_delete: r("SELECT pg_current_xact_id()::text, {schema}.upload_delete($1::text)"),
             upload_delete_ack: r(
                 "SELECT pg_current_xact_id()::text, {schema}.upload_delete($1::text), \

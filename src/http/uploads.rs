@@ -28,7 +28,7 @@ impl From<UploadError> for ApiError {
             UploadError::Store(_) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "store_unavailable",
-                format!("{e}; nothing was registered"),
+                e.to_string(),
             ),
             UploadError::Db(d) => d.into(),
             UploadError::Checksum(_) => {
@@ -114,7 +114,15 @@ pub async fn create(
     let uploads = &app.uploads;
     let stored = uploads
         .store_body(&app, &name, &content_type, ttl, body.into_data_stream())
-        .await?;
+        .await
+        .map_err(|e| match e {
+            UploadError::Store(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("{e}; nothing was registered"),
+            ),
+            e => e.into(),
+        })?;
     let (token, meta) = uploads
         .register(&app, stored, "http", wait == Wait::Cluster)
         .await?;
@@ -270,18 +278,36 @@ pub async fn get(
             return Ok(r);
         }
     };
-    // A small upload fetched by this very request is served from the bytes
-    // just verified instead of being read back from the new copy.
-    let (path, fetched) = app.uploads.local_copy(&app, &meta, READ_WHOLE).await?;
     let (status, start, len) = match range {
         Some((a, b)) => (StatusCode::PARTIAL_CONTENT, a, b - a + 1),
         None => (StatusCode::OK, 0, meta.size),
     };
-    let body = match fetched {
-        Some(bytes) => Body::from(bytes.slice(start as usize..(start + len) as usize)),
-        None => read_local(path, start, len)
-            .await
-            .map_err(|e| ApiError::internal(format!("cannot read the local copy: {e}")))?,
+    let mut attempt = 0;
+    let body = loop {
+        attempt += 1;
+        // A small upload fetched by this very request is served from the
+        // bytes just verified instead of being read back from the new copy.
+        let (path, fetched) = match app.uploads.local_copy(&app, &meta, READ_WHOLE).await {
+            Ok(copy) => copy,
+            Err(UploadError::Missing(_)) if !still_stored(&app, &meta.id).await => {
+                // Deleted on another host, not yet applied here.
+                return Err(ApiError::not_found(format!("no upload {id} (deleted)")));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match fetched {
+            Some(bytes) => break Body::from(bytes.slice(start as usize..(start + len) as usize)),
+            None => match read_local(path, start, len).await {
+                Ok(body) => break body,
+                // Trimmed or withdrawn between the two: once more.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt == 1 => {}
+                Err(e) => {
+                    return Err(ApiError::internal(format!(
+                        "cannot read the local copy: {e}"
+                    )));
+                }
+            },
+        }
     };
     let mut response = (status, body).into_response();
     let h = response.headers_mut();
@@ -294,6 +320,15 @@ pub async fn get(
         h.insert(header::CONTENT_RANGE, v);
     }
     Ok(response)
+}
+
+/// Whether the database still holds `id` as a live upload (an error counts
+/// as yes: the store's answer stands).
+async fn still_stored(app: &App, id: &str) -> bool {
+    app.db
+        .query(&app.queries.upload_get, &[&id])
+        .await
+        .map_or(true, |rows| !rows.is_empty())
 }
 
 /// `GET /v1/uploads/{id}/path`: makes sure the local copy exists and

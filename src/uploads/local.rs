@@ -6,6 +6,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -31,38 +32,88 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(30);
 /// (its registration may not have been applied here yet).
 const YOUNG: Duration = Duration::from_secs(600);
 
+/// Numbers the fetches of this process, so that no two write the same
+/// temporary file.
+static FETCHES: AtomicU64 = AtomicU64::new(0);
+
+/// A request's turn to make the local copy of one upload: the upload's
+/// lock, held. When dropped, the lock is released and forgotten unless
+/// another request holds or waits for it (each holds a clone; clones are
+/// only made under the map's mutex, where this is decided).
+struct FetchTurn {
+    uploads: Arc<Uploads>,
+    id: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl FetchTurn {
+    async fn take(uploads: &Arc<Uploads>, id: &str) -> Self {
+        let lock = {
+            let mut map = uploads.fetching.lock().expect("not poisoned");
+            map.entry(id.to_string()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        Self {
+            uploads: uploads.clone(),
+            id: id.to_string(),
+            lock,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for FetchTurn {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.uploads.fetching.lock().expect("not poisoned");
+        let ours = map
+            .get(&self.id)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.lock));
+        // The map's clone and ours: nobody else.
+        if ours && Arc::strong_count(&self.lock) == 2 {
+            map.remove(&self.id);
+        }
+    }
+}
+
 impl Uploads {
     /// The local copy of an upload, fetched from the store (and verified)
     /// when this host has none.
-    pub async fn local_path(&self, app: &App, meta: &Meta) -> Result<PathBuf, UploadError> {
+    pub async fn local_path(&self, app: &Arc<App>, meta: &Meta) -> Result<PathBuf, UploadError> {
         self.local_copy(app, meta, 0).await.map(|(path, _)| path)
     }
 
     /// Like [`Self::local_path`]; when this call fetched an upload of at
     /// most `keep` bytes, also the verified bytes themselves, so that the
-    /// first read need not read the new copy back.
+    /// first read need not read the new copy back. One fetch per upload at
+    /// a time; it runs to its end even if the request that started it is
+    /// gone (others may be waiting for it).
     pub async fn local_copy(
         &self,
-        app: &App,
+        app: &Arc<App>,
         meta: &Meta,
         keep: u64,
     ) -> Result<(PathBuf, Option<Bytes>), UploadError> {
+        if !valid_id(&meta.id) {
+            return Err(UploadError::Missing(meta.id.clone()));
+        }
         let path = self.files.join(&meta.id);
         if self.is_verified(&meta.id) && self.usable(&path, meta) {
             return Ok((path, None));
         }
-        let lock = {
-            let mut map = self.fetching.lock().expect("not poisoned");
-            map.entry(meta.id.clone()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-        let result = if self.usable(&path, meta) && self.check(meta, &path).await {
-            Ok((path.clone(), None))
-        } else {
-            self.fetch(app, meta, &path, keep).await
-        };
-        self.fetching.lock().expect("not poisoned").remove(&meta.id);
-        result
+        let turn = FetchTurn::take(&app.uploads, &meta.id).await;
+        if self.usable(&path, meta) && self.check(meta, &path).await {
+            return Ok((path, None));
+        }
+        let (app, meta) = (app.clone(), meta.clone());
+        tokio::spawn(async move {
+            let result = app.uploads.fetch(&app, &meta, &path, keep).await;
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| UploadError::Local(std::io::Error::other(e)))?
     }
 
     pub(super) fn is_verified(&self, id: &str) -> bool {
@@ -127,7 +178,8 @@ impl Uploads {
         let started = Instant::now();
         let mut last = None;
         for attempt in 0..2 {
-            let tmp = self.tmp.join(format!("{}.{attempt}.get", meta.id));
+            let n = FETCHES.fetch_add(1, Ordering::Relaxed);
+            let tmp = self.tmp.join(format!("{}.{n}.get", meta.id));
             match self.fetch_once(meta, &tmp, keep).await {
                 Ok(Fetched::Verified(bytes)) => {
                     tokio::fs::rename(&tmp, path).await?;
@@ -213,12 +265,16 @@ impl Uploads {
     /// what to prefetch.
     fn reconcile(&self, app: &App) -> Vec<Meta> {
         let m = &app.metrics.uploads;
-        let registered: std::collections::HashSet<String> = app
-            .cache
-            .list(UPLOADS_CACHE)
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        // Only a host caught up knows every registration: before that (at
+        // start, during a cold boot) a copy missing from the list is kept.
+        let registered: Option<std::collections::HashSet<String>> = match app.ready() {
+            Ok(()) => app
+                .cache
+                .list(UPLOADS_CACHE)
+                .ok()
+                .map(|l| l.into_iter().collect()),
+            Err(_) => None,
+        };
         let mut copies = Vec::new();
         let mut total = 0u64;
         for e in std::fs::read_dir(&self.files)
@@ -230,21 +286,27 @@ impl Uploads {
             let Ok(md) = e.metadata() else { continue };
             let modified = md.modified().unwrap_or(SystemTime::UNIX_EPOCH);
             let young = modified.elapsed().map(|a| a < YOUNG).unwrap_or(true);
-            if !valid_id(&name) || (!registered.contains(&name) && !young) {
+            let withdrawn = registered
+                .as_ref()
+                .is_some_and(|r| !r.contains(&name) && !young);
+            if !valid_id(&name) || withdrawn {
                 let _ = std::fs::remove_file(e.path());
                 continue;
             }
             total += md.len();
             copies.push((modified, md.len(), name));
         }
-        if total > self.config.local_cache_size {
+        let limit = self.config.local_cache_size;
+        let mut evicted = std::collections::HashSet::new();
+        if total > limit {
             copies.sort();
             let mut keep = Vec::new();
             for (t, len, name) in copies {
-                if total > self.config.local_cache_size {
+                if total > limit {
                     let _ = std::fs::remove_file(self.files.join(&name));
                     total -= len;
                     m.evicted.inc();
+                    evicted.insert(name);
                 } else {
                     keep.push((t, len, name));
                 }
@@ -268,20 +330,32 @@ impl Uploads {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        if !self.config.mirror {
+        let Some(registered) = registered.filter(|_| self.config.mirror) else {
             return Vec::new();
-        }
+        };
+        // Mirroring fills the cache up to its limit, newest uploads first,
+        // and never fetches again what the limit has just evicted.
         let have: std::collections::HashSet<&String> = copies.iter().map(|c| &c.2).collect();
-        registered
+        let mut todo: Vec<Meta> = registered
             .iter()
-            .filter(|id| !have.contains(id))
+            .filter(|id| !have.contains(id) && !evicted.contains(*id))
             .filter_map(|id| app.cache.read(UPLOADS_CACHE, id).ok().flatten())
             .filter_map(|(v, _)| serde_json::from_slice::<Meta>(&v).ok())
-            .collect()
+            .collect();
+        todo.sort_by(|a, b| b.id.cmp(&a.id));
+        let mut room = limit.saturating_sub(total);
+        todo.retain(|meta| {
+            let fits = meta.size <= room;
+            if fits {
+                room -= meta.size;
+            }
+            fits
+        });
+        todo
     }
 
     /// Fetches uploads ahead of reads (`uploads.mirror`), one at a time.
-    async fn prefetch(&self, app: &App, metas: Vec<Meta>) {
+    async fn prefetch(&self, app: &Arc<App>, metas: Vec<Meta>) {
         for meta in metas {
             if meta.expired() {
                 continue;
@@ -294,10 +368,13 @@ impl Uploads {
 }
 
 /// The per-host uploads task: applies withdrawals to the local copies as
-/// they arrive through the log, reconciles periodically, mirrors.
+/// they arrive through the log, reconciles periodically, mirrors (in a
+/// task of its own, so that withdrawals do not wait behind downloads).
 pub async fn run(app: Arc<App>, cancel: CancellationToken) {
     let uploads = app.uploads.clone();
     let mut next = Instant::now();
+    let mut queued: Vec<Meta> = Vec::new();
+    let mut mirroring: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let mut fresh = Vec::new();
         for event in uploads.events.take() {
@@ -307,27 +384,45 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
                 Event::Registered(_) => {}
             }
         }
-        if !fresh.is_empty() {
-            let mut metas = Vec::new();
-            for id in fresh {
-                if let Ok(Some(m)) = uploads.meta(&app, &id).await {
-                    metas.push(m);
-                }
+        for id in fresh {
+            if let Ok(Some(m)) = uploads.meta(&app, &id).await
+                && m.size <= uploads.config.local_cache_size
+            {
+                queued.push(m);
             }
-            uploads.prefetch(&app, metas).await;
         }
         if Instant::now() >= next {
             let (a, u) = (app.clone(), uploads.clone());
             let todo = tokio::task::spawn_blocking(move || u.reconcile(&a))
                 .await
                 .unwrap_or_default();
-            uploads.prefetch(&app, todo).await;
+            queued.extend(todo);
             next = Instant::now() + RECONCILE_EVERY;
         }
+        if mirroring.as_ref().is_none_or(|t| t.is_finished()) && !queued.is_empty() {
+            let (a, metas) = (app.clone(), std::mem::take(&mut queued));
+            mirroring = Some(tokio::spawn(async move {
+                a.uploads.prefetch(&a, metas).await;
+            }));
+        }
+        let mirrored = async {
+            match mirroring.as_mut() {
+                Some(t) if !t.is_finished() => {
+                    let _ = t.await;
+                }
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                if let Some(t) = mirroring {
+                    t.abort();
+                }
+                return;
+            }
             _ = uploads.events.wait() => {}
             _ = tokio::time::sleep_until(next.into()) => {}
+            _ = mirrored => {}
         }
     }
 }

@@ -94,7 +94,26 @@ pub struct Stored {
     pub size: u64,
     pub sha256: String,
     /// The copy made while storing (moved into `files/` once registered).
-    local: PathBuf,
+    local: TmpFile,
+}
+
+/// A file under `tmp/`, removed when dropped unless kept.
+#[derive(Debug)]
+pub(crate) struct TmpFile(pub PathBuf);
+
+impl TmpFile {
+    /// The file was moved away: nothing to remove.
+    pub fn keep(mut self) {
+        self.0 = PathBuf::new();
+    }
+}
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        if !self.0.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
 }
 
 /// The uploads of this host.
@@ -217,10 +236,10 @@ impl Uploads {
     /// Streams `body` into the store (and a local copy), hashing it; the
     /// upload is recorded as pending before any byte is stored, so that a crash leaves nothing
     /// the expiry job does not remove. Nothing is visible until
-    /// [`Uploads::register`]. On failure everything is undone.
+    /// [`Uploads::register`]. On failure everything is undone ([`Self::undo`]).
     pub async fn store_body<S, E>(
         &self,
-        app: &App,
+        app: &Arc<App>,
         name: &str,
         content_type: &str,
         ttl: Duration,
@@ -246,34 +265,62 @@ impl Uploads {
             Ok::<_, UploadError>(())
         };
         let local = self.tmp.join(format!("{id}.up"));
-        let result = self.stream_to_store(app, &id, &local, begin, body).await;
+        // Removed however this ends, the request dropped mid-body included.
+        let copy = TmpFile(local);
+        let result = self.stream_to_store(app, &id, &copy.0, begin, body).await;
         match result {
             Ok((size, sha256)) => Ok(Stored {
                 id,
                 size,
                 sha256,
-                local,
+                local: copy,
             }),
             Err(e) => {
-                let _ = tokio::fs::remove_file(&local).await;
                 if matches!(e, UploadError::Store(_)) {
-                    // A multipart upload was aborted; a single PUT failed.
                     app.metrics
                         .uploads
                         .store_errors
                         .with_label_values(&["put"])
                         .inc();
-                } else if let Err(re) = self.store.remove(&id, None).await {
-                    // The pending row stays, for the expiry job.
-                    tracing::warn!(id = %id, error = %re, "cannot remove a failed upload's bytes; the expiry job will");
-                    return Err(e);
                 }
-                // Nothing left in the store: the pending row can go (if the
-                // database is away, the expiry job removes it later).
-                let _ = app.db.query(&app.queries.upload_discard, &[&id]).await;
+                self.undo(app, id).await;
                 Err(e)
             }
         }
+    }
+
+    /// Undoes an upload that failed before it was registered. Its row is
+    /// first marked abandoned (only if still pending: a registration whose
+    /// answer was lost may have committed, and then the upload is kept;
+    /// once abandoned, it can no longer be registered); its bytes, staging
+    /// files and multipart upload are then removed from the store in the
+    /// background, so that the answer does not wait on a store that may be
+    /// away, and the row last. Whatever cannot be removed now is left to the
+    /// expiry job, which retries abandoned uploads on every run (and
+    /// abandons a pending row itself if this cannot even be marked).
+    async fn undo(&self, app: &Arc<App>, id: String) {
+        let rows = match app.db.query(&app.queries.upload_abandon, &[&id]).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(id = %id, error = %e, "cannot mark a failed upload abandoned; the expiry job will");
+                return;
+            }
+        };
+        let Some(row) = rows.first() else {
+            return;
+        };
+        let multipart: Option<String> = row.get(0);
+        let app = app.clone();
+        tokio::spawn(async move {
+            match app.uploads.store.remove(&id, multipart.as_deref()).await {
+                Ok(()) => {
+                    let _ = app.db.query(&app.queries.upload_forget, &[&id]).await;
+                }
+                Err(e) => {
+                    tracing::warn!(id = %id, error = %e, "cannot remove a failed upload's bytes from the store; the expiry job will retry")
+                }
+            }
+        });
     }
 
     async fn stream_to_store<S, E>(
@@ -333,13 +380,19 @@ impl Uploads {
         let db = &app.db;
         let sql = &app.queries.upload_multipart;
         let record = |upload_id: String| async move {
-            db.query(sql, &[&id, &upload_id])
+            let err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Generic {
+                store: "tandem",
+                source,
+            };
+            let rows = db
+                .query(sql, &[&id, &upload_id])
                 .await
-                .map(|_| ())
-                .map_err(|e| StoreError::Generic {
-                    store: "tandem",
-                    source: Box::new(e),
-                })
+                .map_err(|e| err(Box::new(e)))?;
+            if rows.is_empty() {
+                // Abandoned meanwhile: the id would be recorded nowhere.
+                return Err(err("the upload is no longer pending".into()));
+            }
+            Ok(())
         };
         // The store writes each part while the local copy hashes it.
         let mut writer = self.store.begin(id, first.payload(), last, record).await?;
@@ -358,6 +411,7 @@ impl Uploads {
             writer.abort().await;
             return Err(e);
         }
+        // On failure, finish aborts the multipart upload itself.
         writer.finish().await?;
         Ok(copy.finish().await?)
     }
@@ -369,7 +423,7 @@ impl Uploads {
     /// the stored bytes are removed.
     pub async fn register(
         &self,
-        app: &App,
+        app: &Arc<App>,
         stored: Stored,
         via: &str,
         ack: bool,
@@ -388,33 +442,26 @@ impl Uploads {
         {
             Ok(row) => row,
             Err(e) => {
-                self.discard(app, stored).await;
+                self.undo(app, stored.id).await;
                 return Err(e.into());
             }
         };
         let meta: Meta = serde_json::from_str(row.get::<_, &str>(1))
             .map_err(|e| io::Error::other(format!("unexpected metadata: {e}")))?;
-        self.keep_local(&stored);
+        self.keep_local(stored);
         app.metrics.uploads.stored.with_label_values(&[via]).inc();
         app.metrics.uploads.stored_bytes.inc_by(meta.size);
         Ok((row.get(0), meta))
     }
 
-    /// Undoes a stored upload that could not be registered.
-    async fn discard(&self, app: &App, stored: Stored) {
-        let _ = tokio::fs::remove_file(&stored.local).await;
-        if self.store.remove(&stored.id, None).await.is_ok() {
-            let _ = app
-                .db
-                .query(&app.queries.upload_discard, &[&stored.id])
-                .await;
-        }
-    }
-
     /// Moves the copy made while storing into the local copies.
-    fn keep_local(&self, stored: &Stored) {
-        match std::fs::rename(&stored.local, self.files.join(&stored.id)) {
-            Ok(()) => self.mark_verified(&stored.id),
+    fn keep_local(&self, stored: Stored) {
+        let to = self.files.join(&stored.id);
+        match std::fs::rename(&stored.local.0, to) {
+            Ok(()) => {
+                stored.local.keep();
+                self.mark_verified(&stored.id);
+            }
             Err(e) => {
                 tracing::warn!(id = %stored.id, error = %e, "cannot keep the local copy of an upload")
             }

@@ -313,13 +313,19 @@ impl Writer {
         Ok(())
     }
 
-    /// Waits for every part and completes the object.
+    /// Waits for every part and completes the object; if that fails, the
+    /// multipart upload is aborted.
     pub async fn finish(mut self) -> Result<(), StoreError> {
-        while !self.parts.is_empty() {
-            self.reap_one().await?;
+        let mut done = Ok(());
+        while done.is_ok() && !self.parts.is_empty() {
+            done = self.reap_one().await;
         }
-        match &mut self.kind {
-            Kind::Done => Ok(()),
+        if let Err(e) = done {
+            self.abort().await;
+            return Err(e);
+        }
+        let completed = match &mut self.kind {
+            Kind::Done => return Ok(()),
             Kind::Cloud {
                 store,
                 upload_id,
@@ -333,7 +339,11 @@ impl Writer {
                     .map(|_| ())
             }
             Kind::Local(upload) => upload.complete().await.map(|_| ()),
+        };
+        if completed.is_err() {
+            self.abort().await;
         }
+        completed
     }
 
     /// Gives up: stops the parts in flight and aborts the multipart upload.

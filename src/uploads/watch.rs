@@ -13,7 +13,8 @@
 //! is moved to `rejected/`; one that cannot be stored (store or database
 //! unreachable) is retried with backoff, and each failure is counted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -108,6 +109,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
         }
     };
     let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
+    let mut stuck = HashSet::new();
     let mut next_scan = Instant::now();
     loop {
         if Instant::now() >= next_scan {
@@ -129,7 +131,7 @@ pub async fn run(app: Arc<App>, cancel: CancellationToken) {
             if cancel.is_cancelled() {
                 return;
             }
-            match take(&app, &path).await {
+            match take(&app, &path, &mut stuck).await {
                 Taken::Done | Taken::Skipped => {
                     pending.remove(&path);
                 }
@@ -186,7 +188,18 @@ fn quiet_files(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-async fn take(app: &App, path: &Path) -> Taken {
+/// Which file this is, and which version of it: device, inode, size and
+/// modification time.
+type Identity = (u64, u64, u64, i64, i64);
+
+fn identity(m: &std::fs::Metadata) -> Identity {
+    (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec())
+}
+
+/// Stores and registers one watched file, then removes it from
+/// `incoming/` (unless another file took its name meanwhile). `stuck` holds
+/// the files stored whose removal failed, so that they are not stored again.
+async fn take(app: &Arc<App>, path: &Path, stuck: &mut HashSet<Identity>) -> Taken {
     let uploads = &app.uploads;
     let raw_name = path
         .file_name()
@@ -195,11 +208,29 @@ async fn take(app: &App, path: &Path) -> Taken {
     if ignored(&raw_name) {
         return Taken::Skipped;
     }
-    // Never follow a symlink out of the directory.
-    let meta = match tokio::fs::symlink_metadata(path).await {
-        Ok(m) if m.is_file() => m,
-        _ => return Taken::Skipped,
+    // Never follow a symlink out of the directory, never block on a FIFO:
+    // the file is opened without following a link, and what was opened is
+    // checked (not the name, which could change in between).
+    let opened = std::fs::File::options()
+        .read(true)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
+        .open(path)
+        .and_then(|f| f.metadata().map(|m| (f, m)));
+    let (file, meta) = match opened {
+        Ok((f, m)) if m.is_file() => (f, m),
+        Ok(_) => return Taken::Skipped,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) =>
+        {
+            return Taken::Skipped;
+        }
+        Err(e) => return Taken::Retry(e.to_string()),
     };
+    let taken = identity(&meta);
+    if stuck.contains(&taken) {
+        return Taken::Skipped;
+    }
     let name = sanitize_name(&raw_name);
     if meta.len() > uploads.config.max_size {
         let to = uploads.rejected.join(&name);
@@ -208,12 +239,8 @@ async fn take(app: &App, path: &Path) -> Taken {
         let _ = tokio::fs::rename(path, &to).await;
         return Taken::Skipped;
     }
-    let file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Taken::Skipped,
-        Err(e) => return Taken::Retry(e.to_string()),
-    };
-    let body = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10);
+    let body =
+        tokio_util::io::ReaderStream::with_capacity(tokio::fs::File::from_std(file), 256 << 10);
     let ttl = uploads.config.ttl;
     let stored = match uploads
         .store_body(app, &name, guess_content_type(&name), ttl, body)
@@ -240,8 +267,19 @@ async fn take(app: &App, path: &Path) -> Taken {
     if let Err(e) = written {
         tracing::warn!(file = %receipt.display(), error = %e, "cannot write an upload receipt");
     }
-    if let Err(e) = tokio::fs::remove_file(path).await {
-        tracing::warn!(file = %path.display(), error = %e, "stored, but cannot remove the watched file");
+    // The name may hold another file by now (the app renamed a new one over
+    // it, or wrote to it again): that one is taken on its own, not removed.
+    let unchanged = tokio::fs::symlink_metadata(path)
+        .await
+        .is_ok_and(|m| identity(&m) == taken);
+    if !unchanged {
+        tracing::info!(file = %path.display(), id = %meta.id,
+            "stored a watched file that was replaced or changed meanwhile; the new one is taken on its own");
+    } else if let Err(e) = tokio::fs::remove_file(path).await {
+        app.metrics.uploads.watch_failures.inc();
+        tracing::error!(file = %path.display(), id = %meta.id, error = %e,
+            "stored, but cannot remove the watched file; it is not stored again while it stays unchanged");
+        stuck.insert(taken);
     }
     tracing::info!(id = %meta.id, name = %meta.name, size = meta.size, "stored a watched file");
     Taken::Done

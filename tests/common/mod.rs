@@ -531,6 +531,30 @@ pub fn pressure(resource: &str) -> Option<(f64, f64)> {
     Some((avg("avg10=")?, avg("avg60=")?))
 }
 
+/// The share of the machine's CPU time spent busy (not idle, not waiting
+/// for I/O) over the next second, from `/proc/stat`; `None` where there is
+/// none.
+pub async fn cpu_busy() -> Option<f64> {
+    fn times() -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let fields: Vec<u64> = text
+            .lines()
+            .next()?
+            .strip_prefix("cpu ")?
+            .split_whitespace()
+            .take(8) // user … steal; guest time is counted in user already
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let idle = fields.get(3)? + fields.get(4).unwrap_or(&0);
+        Some((fields.iter().sum(), idle))
+    }
+    let (total0, idle0) = times()?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (total1, idle1) = times()?;
+    let total = total1.saturating_sub(total0).max(1);
+    Some(1.0 - idle1.saturating_sub(idle0) as f64 / total as f64)
+}
+
 /// Files per second one thread creates in a fresh directory under `dir`
 /// (2,000 files of 1 KiB, no fsync; left for `dir`'s owner to remove:
 /// deleting them here would slow the next creations down). On ext4 without
@@ -576,20 +600,23 @@ pub fn machine_pressure(dir: &Path) -> String {
 /// Waits up to `BENCH_QUIET_WAIT` seconds (default 0: not at all) until the
 /// machine's I/O pressure is under 5 % over the last 10 s and under 10 %
 /// over the last minute (a previous run's writeback and deletions show in
-/// the minute after it long after the last 10 s look calm) and one thread
-/// creates at least `BENCH_MIN_FILE_RATE` files/s (default 30,000) under
-/// `dir`, so that a run starts neither in the previous run's writeback nor
-/// in the minutes after its mass deletion of files. Says how long it waited.
+/// the minute after it long after the last 10 s look calm), its cores are
+/// busy under a fifth of the time over a second (no build or other benchmark
+/// competing for them) and one thread creates at least
+/// `BENCH_MIN_FILE_RATE` files/s (default 30,000) under `dir`, so that a run
+/// starts neither in the previous run's writeback nor in the minutes after
+/// its mass deletion of files. Says how long it waited.
 pub async fn wait_for_quiet_machine(dir: &Path) {
     let limit = Duration::from_secs(env_u64("BENCH_QUIET_WAIT", 0));
     let min_rate = env_u64("BENCH_MIN_FILE_RATE", 30_000) as f64;
     let start = Instant::now();
     let mut quiet = limit.is_zero();
     while !quiet && start.elapsed() < limit {
-        let io_busy = matches!(pressure("io"), Some((a10, a60)) if a10 >= 5.0 || a60 >= 10.0);
-        quiet = !io_busy && file_creation_rate(dir) >= min_rate;
+        let busy = matches!(pressure("io"), Some((a10, a60)) if a10 >= 5.0 || a60 >= 10.0)
+            || cpu_busy().await.is_some_and(|share| share >= 0.2);
+        quiet = !busy && file_creation_rate(dir) >= min_rate;
         if !quiet {
-            let pause = if io_busy { 2 } else { 10 };
+            let pause = if busy { 2 } else { 10 };
             tokio::time::sleep(Duration::from_secs(pause)).await;
         }
     }
