@@ -1,8 +1,9 @@
 //! One host's side of shared uploads: memory stays flat for a 1 GiB body
 //! read back on another host, a local copy found on disk after a restart
 //! is verified before it is served, and a read before the registration is
-//! applied here verifies against the database's metadata, and many first
-//! reads at once share one fetch.
+//! applied here verifies against the database's metadata, many first
+//! reads at once share one fetch, and an upload abandoned while it streams
+//! in is refused and cleaned.
 
 mod common;
 
@@ -287,6 +288,79 @@ async fn concurrent_first_reads_share_one_fetch() {
         1.0,
         "one fetch served them all"
     );
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "temp files left"
+    );
+}
+
+/// An upload the expiry job abandons while it streams in (it took longer
+/// than `uploads.abandon_after`, or its host looked dead) is refused with
+/// 409 when its body ends, is never listed, and its bytes are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_abandoned_while_streaming_is_refused() {
+    use futures_util::StreamExt;
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let b = backend("file", root.path()).await;
+    let hs = hosts(&db, root.path(), &b, &["a"]).await;
+    let h = &hs[0];
+    let c = db.client().await;
+    let (go, wait) = tokio::sync::oneshot::channel::<()>();
+    let first = random_bytes(12 << 20, 31);
+    let head = futures_util::stream::iter(
+        first
+            .chunks(1 << 20)
+            .map(|c| Ok::<_, std::io::Error>(c.to_vec()))
+            .collect::<Vec<_>>(),
+    );
+    let tail = futures_util::stream::once(async move {
+        let _ = wait.await;
+        Ok(vec![7u8; 1000])
+    });
+    let url = h.url("/v1/uploads?name=slow.bin");
+    let client = h.http.clone();
+    let sent = tokio::spawn(async move {
+        let r = client
+            .post(url)
+            .body(reqwest::Body::wrap_stream(head.chain(tail)))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json::<Value>().await.unwrap_or(Value::Null))
+    });
+    common::eventually("the upload under way", Duration::from_secs(30), || async {
+        let parts = b.objects().await.iter().any(|o| o.contains('#'));
+        let rows = c
+            .query("SELECT 1 FROM tandem.uploads WHERE state = 'pending'", &[])
+            .await
+            .unwrap();
+        parts && rows.len() == 1
+    })
+    .await;
+    c.execute("UPDATE tandem.uploads SET state = 'abandoned'", &[])
+        .await
+        .unwrap();
+    go.send(()).unwrap();
+    let (status, body) = sent.await.unwrap();
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("upload_abandoned")),
+        "{body}"
+    );
+    assert!(common::uploads::list_all(h).await.is_empty());
+    common::eventually(
+        "the abandoned upload cleaned",
+        Duration::from_secs(30),
+        || async {
+            let rows = c.query("SELECT 1 FROM tandem.uploads", &[]).await.unwrap();
+            rows.is_empty() && b.objects().await.is_empty()
+        },
+    )
+    .await;
+    let tmp = h.dir.join("uploads/tmp");
     assert_eq!(
         std::fs::read_dir(&tmp).unwrap().count(),
         0,

@@ -30,6 +30,16 @@ impl From<UploadError> for ApiError {
                 "store_unavailable",
                 e.to_string(),
             ),
+            // The expiry job abandoned it while it streamed in (it took
+            // longer than uploads.abandon_after, or this host looked dead).
+            UploadError::Db(d) if d.code() == Some("55000") => ApiError::new(
+                StatusCode::CONFLICT,
+                "upload_abandoned",
+                format!(
+                    "{}; nothing was registered",
+                    d.db_message().unwrap_or_default()
+                ),
+            ),
             UploadError::Db(d) => d.into(),
             UploadError::Checksum(_) => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "checksum_mismatch", e.to_string())

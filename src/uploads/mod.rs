@@ -312,7 +312,12 @@ impl Uploads {
         let multipart: Option<String> = row.get(0);
         let app = app.clone();
         tokio::spawn(async move {
-            match app.uploads.store.remove(&id, multipart.as_deref()).await {
+            match app
+                .uploads
+                .store
+                .remove(&id, multipart.as_deref(), true)
+                .await
+            {
                 Ok(()) => {
                     let _ = app.db.query(&app.queries.upload_forget, &[&id]).await;
                 }
@@ -471,7 +476,7 @@ impl Uploads {
     /// After a delete committed: removes the bytes from the store and then
     /// the row (if the store fails, the expiry job retries).
     pub async fn remove_deleted(&self, app: &App, id: &str) {
-        match self.store.remove(id, None).await {
+        match self.store.remove(id, None, false).await {
             Ok(()) => {
                 let _ = app.db.query(&app.queries.upload_forget, &[&id]).await;
             }
@@ -509,7 +514,12 @@ impl Uploads {
                 let id: String = row.get(0);
                 let state: String = row.get(1);
                 let multipart: Option<String> = row.get(2);
-                match self.store.remove(&id, multipart.as_deref()).await {
+                let unfinished = state == "abandoned";
+                match self
+                    .store
+                    .remove(&id, multipart.as_deref(), unfinished)
+                    .await
+                {
                     Ok(()) => {
                         app.db
                             .query(&app.queries.upload_forget, &[&id])

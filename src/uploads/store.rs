@@ -170,9 +170,16 @@ impl Store {
     }
 
     /// Removes the object (a missing one is not an error), aborts its open
-    /// multipart upload if one is named, and removes a file store's staging
-    /// files of it.
-    pub async fn remove(&self, id: &str, multipart_id: Option<&str>) -> Result<(), StoreError> {
+    /// multipart upload if one is named, and, for an upload that never
+    /// completed (`unfinished`), removes a file store's staging files of it
+    /// (a listing of the store's directory: not done for completed ones,
+    /// which have none).
+    pub async fn remove(
+        &self,
+        id: &str,
+        multipart_id: Option<&str>,
+        unfinished: bool,
+    ) -> Result<(), StoreError> {
         let path = self.path_of(id);
         if let (Some(mp), Some(mid)) = (&self.multipart, multipart_id) {
             match mp.abort_multipart(&path, &mid.to_string()).await {
@@ -180,8 +187,9 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
-        if let Some(root) = &self.root {
-            remove_staging(root, id);
+        if let Some(root) = self.root.clone().filter(|_| unfinished) {
+            let id = id.to_string();
+            let _ = tokio::task::spawn_blocking(move || remove_staging(&root, &id)).await;
         }
         match self.inner.delete(&path).await {
             Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),
