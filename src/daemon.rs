@@ -153,6 +153,10 @@ async fn run_with_database(
     let http_stop = CancellationToken::new();
     let mut http_task = tokio::spawn(http::serve(app.clone(), listeners, http_stop.clone()));
     tokio::pin!(shutdown);
+    // SIGHUP reloads from now on (its default action would end the process
+    // while the database is still being reached).
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::reload::on_hangup(app.clone(), root.child_token()));
 
     // Connect and migrate, retrying while the database is down.
     let first = tokio::select! {
@@ -161,6 +165,9 @@ async fn run_with_database(
         r = &mut http_task => return Err(http_ended(r)),
     };
     let Some(first) = first else {
+        root.cancel();
+        tasks.abort_all();
+        app.events.close();
         http_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), http_task).await;
         return Ok(());
@@ -187,13 +194,11 @@ async fn run_with_database(
     let sync_stop = root.child_token();
     let mut sync_task = tokio::spawn(syncer.run(Some(first), sync_stop.clone()));
 
-    let mut tasks = JoinSet::new();
     tasks.spawn(cluster::heartbeat_loop(app.clone(), root.child_token()));
     tasks.spawn(readiness_loop(app.clone(), root.child_token()));
     tasks.spawn(uploads::run(app.clone(), root.child_token()));
     tasks.spawn(uploads::watch::run(app.clone(), root.child_token()));
     tasks.spawn(events::webhook::run(app.clone(), root.child_token()));
-    tasks.spawn(crate::reload::on_hangup(app.clone(), root.child_token()));
     let sched_stop = CancellationToken::new();
     let mut sched_task = tokio::spawn(Scheduler::new(app.clone()).run(sched_stop.clone()));
 
@@ -230,9 +235,11 @@ async fn run_with_database(
         sched_task.abort();
     }
     sync_stop.cancel();
-    if tokio::time::timeout(Duration::from_secs(10), &mut sync_task)
-        .await
-        .is_err()
+    // (A task that ended above has been awaited already: not again.)
+    if !sync_task.is_finished()
+        && tokio::time::timeout(Duration::from_secs(10), &mut sync_task)
+            .await
+            .is_err()
     {
         tracing::warn!("the sync task did not stop within 10s");
         sync_task.abort();
@@ -266,12 +273,13 @@ async fn run_with_database(
     // Event streams end, so that their connections close.
     app.events.close();
     http_stop.cancel();
-    match tokio::time::timeout(Duration::from_secs(5), &mut http_task).await {
-        Ok(_) => {}
-        Err(_) => {
-            tracing::warn!("HTTP requests still open after 5s; closing them");
-            http_task.abort();
-        }
+    if !http_task.is_finished()
+        && tokio::time::timeout(Duration::from_secs(5), &mut http_task)
+            .await
+            .is_err()
+    {
+        tracing::warn!("HTTP requests still open after 5s; closing them");
+        http_task.abort();
     }
     tracing::info!("stopped");
     match failure {

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub hosts: IntGaugeVec,
     pub pruned_rows: IntCounter,
+    pub skipped_rows: IntCounter,
     pub position_xmin: IntGauge,
     pub last_applied: Gauge,
     pub sync_errors: IntCounterVec,
@@ -234,6 +235,11 @@ impl Metrics {
                 &registry,
                 "tandem_log_pruned_rows_total",
                 "Log rows deleted by pruning on this host.",
+            ),
+            skipped_rows: counter(
+                &registry,
+                "tandem_sync_skipped_rows_total",
+                "Log rows and entries read that name an invalid cache or key (skipped; the log names each).",
             ),
             position_xmin: int_gauge(
                 &registry,

@@ -458,3 +458,47 @@ async fn a_dead_hosts_run_is_abandoned_and_retried_elsewhere() {
         Some(1.0)
     );
 }
+
+/// A host that restarts while one of its runs is under way (quicker than
+/// `tandem.mark-stale-hosts` would notice it was gone) marks that run
+/// abandoned itself when it starts again, and retries it: the job is not
+/// left "running" for ever, refusing every later run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_cut_by_a_quick_restart_is_abandoned_and_retried() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let recorder = Recorder::start().await;
+    let config = format!(
+        "[[jobs]]\nname = \"long\"\ncron = \"0 0 1 1 *\"\nrun_on = \"once\"\nretries = 1\nretry_backoff = \"100ms\"\ntimeout = \"1m\"\nhttp = {{ url = \"{}\" }}\n\n\
+         [[jobs]]\nname = \"tandem.mark-stale-hosts\"\nevery = \"1h\"\n",
+        recorder.url("/hold/3000")
+    );
+    let mut a = Host::start_with_config(&db.url, "a", root.path(), LEASE, &config).await;
+    eventually("a leader", Duration::from_secs(10), || async {
+        a.get_json("/v1/role").await["leader"].is_string()
+    })
+    .await;
+    let out = a.cli(&["jobs", "run", "long"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("the run starts", Duration::from_secs(10), || async {
+        !recorder.calls_of("long").is_empty()
+    })
+    .await;
+    a.kill();
+    a.spawn().await;
+    eventually("the retry runs", Duration::from_secs(20), || async {
+        recorder.calls_of("long").iter().any(|c| c.attempt == 1)
+    })
+    .await;
+    let history = runs(&a, "long").await;
+    let states: Vec<(&str, i64)> = history
+        .iter()
+        .map(|r| (r["state"].as_str().unwrap(), r["attempt"].as_i64().unwrap()))
+        .collect();
+    assert!(states.contains(&("abandoned", 0)), "{states:?}");
+    assert!(a.log_contains("this host restarted while it ran"));
+}

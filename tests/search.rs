@@ -346,7 +346,15 @@ async fn bad_values_and_bad_queries() {
     assert_eq!(b.metric(&skipped("bad_field")).await, Some(1.0));
     assert!(b.log_contains("key=broken"), "the log names the key");
 
+    // Nested deep enough to overflow the parser's stack (it would abort the
+    // process): refused, and the host keeps serving.
+    let deep = format!("{}fox", "(".repeat(30_000));
+    let not_not = format!("{}fox", "NOT ".repeat(5_000));
+    let long = "fox ".repeat(2_000);
     let bad: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![("q", &deep)], "groups and NOTs"),
+        (vec![("q", &not_not)], "groups and NOTs"),
+        (vec![("q", &long)], "longer than"),
         (vec![("q", "title:(")], "bad query"),
         (vec![("q", "nosuchfield:x")], "bad query"),
         (vec![("q", "x"), ("filter", "year:abc")], "not an integer"),

@@ -557,3 +557,44 @@ async fn a_read_costs_the_same_however_long_the_retained_log() {
     );
     open.batch_execute("COMMIT").await.unwrap();
 }
+
+/// Rows written around tandem's SQL functions that name an invalid cache or
+/// key (a cache such as `../escape` or `/`, an empty or NULL key) are
+/// skipped, logged and counted, by incremental reads and by cold boots: no
+/// file is written outside the cache directory, and everything else keeps
+/// flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_naming_invalid_caches_or_keys_are_skipped() {
+    let db = TestDb::new().await;
+    let root = tempdir();
+    let hs = hosts(&db, root.path(), 1).await;
+    let h = &hs[0];
+    let c = db.client().await;
+    c.batch_execute(
+        "INSERT INTO tandem.entries (cache, key, value, content_type) VALUES \
+           ('../escape', 'x', 'bad', 'text/plain'), ('pages', '', 'bad', 'text/plain'), \
+           ('/', 'y', 'bad', 'text/plain'); \
+         INSERT INTO tandem.log (kind, cache, key) VALUES \
+           ('put', '../escape', 'x'), ('put', 'pages', ''), ('delete', 'pages', NULL), \
+           ('put', '/', 'y'), ('clear', '../escape', NULL);",
+    )
+    .await
+    .unwrap();
+    h.put("pages", "after", b"fine", "?wait=local").await;
+    assert_eq!(h.get("pages", "after").await.as_deref(), Some(&b"fine"[..]));
+    let skipped = h.metric("tandem_sync_skipped_rows_total").await.unwrap();
+    assert_eq!(skipped, 5.0, "{}", h.log_text());
+    assert!(h.log_contains("../escape"), "the log names the row");
+    // A cold boot reads `entries`: the three invalid rows are skipped too.
+    let r = h.http.post(h.url("/v1/resync")).send().await.unwrap();
+    assert_eq!(r.status(), 202);
+    common::eventually("the cold boot", Duration::from_secs(20), || async {
+        h.metric("tandem_sync_skipped_rows_total").await == Some(8.0)
+    })
+    .await;
+    h.wait_ready().await;
+    assert_eq!(h.get("pages", "after").await.as_deref(), Some(&b"fine"[..]));
+    let entries = h.read_cache();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(!h.dir.join("escape").exists() && !root.path().join("escape").exists());
+}

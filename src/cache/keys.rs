@@ -81,6 +81,15 @@ pub fn check_cache(name: &str) -> Result<(), NameError> {
     }
 }
 
+/// Checks a cache name read from the database: a user cache name, or a
+/// reserved one (`_` and a user cache name: `_uploads`, `_versions`,
+/// `_jobs`). Rows written other than through tandem's functions are not
+/// trusted: a name such as `../x` or `/etc` must never become a path.
+pub fn check_stored_cache(name: &str) -> Result<(), NameError> {
+    check_cache(name.strip_prefix('_').unwrap_or(name))
+        .map_err(|_| NameError::BadCache(name.to_string()))
+}
+
 /// Checks a key: 1 to 1024 bytes, no NUL (PostgreSQL text cannot hold one).
 pub fn check_key(key: &str) -> Result<(), NameError> {
     if key.is_empty() {
@@ -239,6 +248,12 @@ mod tests {
         assert!(check_cache("0-x_y").is_ok());
         for bad in ["", "Pages", "-x", "_x", "a/b", "..", "a.b", &"a".repeat(65)] {
             assert!(check_cache(bad).is_err(), "{bad:?}");
+        }
+        for ok in ["pages", "_uploads", "_versions"] {
+            assert!(check_stored_cache(ok).is_ok(), "{ok:?}");
+        }
+        for bad in ["", "_", "__x", "../x", "/etc", "_X", ".tmp", "a/b", "_a/b"] {
+            assert!(check_stored_cache(bad).is_err(), "{bad:?}");
         }
         assert_eq!(check_key(""), Err(NameError::EmptyKey));
         assert_eq!(check_key("a\0b"), Err(NameError::KeyHasNul));

@@ -44,6 +44,7 @@ pub struct Queries {
     pub queue_run: String,
     pub take_queued: String,
     pub abandon_runs: String,
+    pub abandon_own_runs: String,
     pub last_scheduled: String,
     pub job_summary: String,
     pub job_runs: String,
@@ -168,6 +169,12 @@ impl Queries {
             abandon_runs: r(
                 "SELECT id, job, extract(epoch FROM scheduled_for)::float8, slot, attempt, host \
                              FROM {schema}.abandon_runs($1::int)",
+            ),
+            abandon_own_runs: r(
+                "UPDATE {schema}.job_runs SET state = 'abandoned', finished_at = clock_timestamp(), \
+                        error = 'the host running it restarted' \
+                  WHERE state = 'running' AND host = $1::text \
+              RETURNING id, job, extract(epoch FROM scheduled_for)::float8, slot, attempt, host",
             ),
             last_scheduled: r(
                 "SELECT job, extract(epoch FROM max(scheduled_for))::float8 \

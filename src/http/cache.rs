@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::ApiError;
+use super::error::path_error;
 use super::write::{self, WaitParams, authorize};
 use crate::app::App;
 use crate::cache::DEFAULT_CONTENT_TYPE;
@@ -29,13 +30,6 @@ use crate::cluster;
 /// Values up to this size are read on the async worker (page-cache hits
 /// take microseconds); larger ones on the blocking pool.
 const INLINE_READ: u64 = 64 << 10;
-
-fn path_error(e: PathRejection) -> ApiError {
-    ApiError::bad_request(
-        "invalid_path",
-        format!("cannot read the path: {}", e.body_text()),
-    )
-}
 
 fn query_error(e: QueryRejection) -> ApiError {
     ApiError::bad_request("invalid_query", e.body_text())
@@ -53,7 +47,7 @@ fn shorten(s: &str) -> String {
 }
 
 /// Reads a request body of at most `limit` bytes.
-async fn read_body(
+pub(super) async fn read_body(
     body: Body,
     headers: &HeaderMap,
     limit: u64,
@@ -176,7 +170,7 @@ pub async fn put_entry(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let (cache, key, wait, deadline) = entry_write(&app, &headers, path, query)?;
+    let (cache, key, wait, timeout) = entry_write(&app, &headers, path, query)?;
     let content_type = match headers.get(header::CONTENT_TYPE) {
         None => DEFAULT_CONTENT_TYPE.to_string(),
         Some(v) => check_content_type(v.to_str().ok())?,
@@ -190,7 +184,7 @@ pub async fn put_entry(
         &q.put_ack,
         &[&cache, &key, &value, &content_type],
         wait,
-        deadline,
+        timeout,
     )
     .await
 }
@@ -201,14 +195,14 @@ fn entry_write(
     headers: &HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<WaitParams>, QueryRejection>,
-) -> Result<(String, String, write::Wait, Instant), ApiError> {
+) -> Result<(String, String, write::Wait, std::time::Duration), ApiError> {
     authorize(app, headers)?;
     let Path((cache, key)) = path.map_err(path_error)?;
     let Query(wait) = query.map_err(query_error)?;
     check_cache(&cache)?;
     check_key(&key)?;
-    let (wait, deadline) = wait.parse(app)?;
-    Ok((cache, key, wait, deadline))
+    let (wait, timeout) = wait.parse(app)?;
+    Ok((cache, key, wait, timeout))
 }
 
 fn check_content_type(value: Option<&str>) -> Result<String, ApiError> {
@@ -234,7 +228,7 @@ pub async fn delete_entry(
     query: Result<Query<WaitParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (cache, key, wait, deadline) = entry_write(&app, &headers, path, query)?;
+    let (cache, key, wait, timeout) = entry_write(&app, &headers, path, query)?;
     let q = &app.queries;
     write::commit(
         &app,
@@ -242,7 +236,7 @@ pub async fn delete_entry(
         &q.delete_ack,
         &[&cache, &key],
         wait,
-        deadline,
+        timeout,
     )
     .await
 }
@@ -258,9 +252,9 @@ pub async fn clear(
     let Path(cache) = path.map_err(path_error)?;
     let Query(wait) = query.map_err(query_error)?;
     check_cache(&cache)?;
-    let (wait, deadline) = wait.parse(&app)?;
+    let (wait, timeout) = wait.parse(&app)?;
     let q = &app.queries;
-    write::commit(&app, &q.clear, &q.clear_ack, &[&cache], wait, deadline).await
+    write::commit(&app, &q.clear, &q.clear_ack, &[&cache], wait, timeout).await
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -473,7 +467,7 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let Query(wait) = query.map_err(query_error)?;
-    let (wait, deadline) = wait.parse(&app)?;
+    let (wait, timeout) = wait.parse(&app)?;
     let body = read_body(body, &headers, app.config.api.max_batch_size, "batch").await?;
     let ops = parse_batch(
         &body,
@@ -499,7 +493,7 @@ pub async fn batch(
         &q.batch_ack,
         &[&kinds, &caches, &keys, &values, &types],
         wait,
-        deadline,
+        timeout,
     )
     .await
 }

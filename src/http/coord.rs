@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -15,6 +15,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::ApiError;
+use super::cache::read_body;
+use super::error::ApiPath;
 use super::write::{WaitParams, authorize, commit_with};
 use crate::app::App;
 use crate::config::jobs::JobSpec;
@@ -25,6 +27,9 @@ fn query<T: Default>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError>
     q.map(|Query(t)| t)
         .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
+
+/// The largest lock request body read.
+const MAX_LOCK_BODY: u64 = 64 << 10;
 
 /// Parses an optional JSON body (empty means all defaults).
 fn body<T: DeserializeOwned + Default>(bytes: &Bytes) -> Result<T, ApiError> {
@@ -88,7 +93,7 @@ pub struct RunsQuery {
 /// `GET /v1/jobs/{name}/runs?limit=50&before=ID`
 pub async fn runs(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<RunsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
@@ -101,7 +106,7 @@ pub async fn runs(
 /// `POST /v1/jobs/{name}/run`: run now, once cluster-wide.
 pub async fn run_now(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
@@ -169,12 +174,13 @@ const MAX_TTL: Duration = Duration::from_secs(86_400);
 /// `POST /v1/locks/{name}`
 pub async fn acquire(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
-    bytes: Bytes,
+    request: Body,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     lock_name(&name)?;
+    let bytes = read_body(request, &headers, MAX_LOCK_BODY, "lock request body").await?;
     let b: AcquireBody = body(&bytes)?;
     let ttl = duration(
         "ttl",
@@ -240,12 +246,13 @@ fn lost(name: &str, token: i64) -> ApiError {
 /// `POST /v1/locks/{name}/renew` with `{"token": N, "ttl": "30s"}`
 pub async fn renew(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     headers: HeaderMap,
-    bytes: Bytes,
+    request: Body,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     lock_name(&name)?;
+    let bytes = read_body(request, &headers, MAX_LOCK_BODY, "lock request body").await?;
     let b: RenewBody = body(&bytes)?;
     let token = b
         .token
@@ -274,7 +281,7 @@ pub struct ReleaseQuery {
 /// `DELETE /v1/locks/{name}?token=N`
 pub async fn release(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<ReleaseQuery>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -309,7 +316,7 @@ pub async fn versions(State(app): State<Arc<App>>) -> Response {
 /// `GET /v1/versions/{name}`: from memory; 0 for a counter never bumped.
 pub async fn version(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     version_name(&name)?;
     let v = app.cache.versions().get(&name).unwrap_or(0);
@@ -319,20 +326,20 @@ pub async fn version(
 /// `POST /v1/versions/{name}/bump[?wait=local|cluster]`
 pub async fn bump(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     q: Result<Query<WaitParams>, QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     version_name(&name)?;
-    let (wait, deadline) = query(q)?.parse(&app)?;
+    let (wait, timeout) = query(q)?.parse(&app)?;
     let answer = commit_with(
         &app,
         &app.queries.bump,
         &app.queries.bump_ack,
         &[&name],
         wait,
-        deadline,
+        timeout,
         |row| json!({"name": name, "version": row.get::<_, i64>(1)}),
     )
     .await?;

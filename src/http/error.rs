@@ -2,12 +2,39 @@
 //! answered as `{"error": {"code": "...", "message": "..."}}`.
 
 use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::cache::keys::NameError;
 use crate::db::DbError;
+
+/// A path parameter that cannot be read (not UTF-8, say): 400 in the API's
+/// format.
+pub fn path_error(e: PathRejection) -> ApiError {
+    ApiError::bad_request(
+        "invalid_path",
+        format!("cannot read the path: {}", e.body_text()),
+    )
+}
+
+/// axum's `Path`, rejecting in the API's JSON format (axum's own rejection
+/// is plain text).
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Path(v)| ApiPath(v))
+            .map_err(path_error)
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct ApiError {

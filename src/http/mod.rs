@@ -120,6 +120,7 @@ const ROUTES: &[&str] = &[
     "/v1/uploads",
     "/v1/uploads/{id}",
     "/v1/uploads/{id}/path",
+    "/v1/events",
     "/healthz",
     "/readyz",
     "/metrics",

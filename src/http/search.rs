@@ -4,13 +4,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Json;
-use axum::extract::{Path, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tantivy::Order;
 
 use super::ApiError;
+use super::error::ApiPath;
 use super::write::authorize;
 use crate::app::App;
 use crate::search::SearchIndex;
@@ -59,7 +60,7 @@ pub async fn indexes(State(app): State<Arc<App>>) -> Response {
 pub async fn rebuild(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     index_of(&app, &name)?;
@@ -176,7 +177,7 @@ fn parse_request(
 /// `GET /v1/search/{index}?q=…`.
 pub async fn search(
     State(app): State<Arc<App>>,
-    Path(name): Path<String>,
+    ApiPath(name): ApiPath<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();

@@ -92,7 +92,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let params = query(q)?;
-    let (wait, deadline) = params.wait.parse(&app)?;
+    let (wait, timeout) = params.wait.parse(&app)?;
     let max = app.uploads.config.max_size;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -138,7 +138,7 @@ pub async fn create(
         .await?;
     let id = meta.id.clone();
     let body = serde_json::to_value(&meta).expect("serialisable");
-    let mut response = answer(&app, token, body, wait, deadline).await?;
+    let mut response = answer(&app, token, body, wait, timeout).await?;
     if response.status() == StatusCode::OK {
         *response.status_mut() = StatusCode::CREATED;
     }
@@ -410,7 +410,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     let id = id_of(&id)?.to_string();
-    let (wait, deadline) = query(q)?.parse(&app)?;
+    let (wait, timeout) = query(q)?.parse(&app)?;
     let sql = if wait == Wait::Cluster {
         &app.queries.upload_delete_ack
     } else {
@@ -426,7 +426,7 @@ pub async fn delete(
         row.get(0),
         json!({ "id": id, "deleted": true }),
         wait,
-        deadline,
+        timeout,
     )
     .await
 }

@@ -43,7 +43,8 @@ pub struct WaitParams {
 const DEFAULT_WAIT: Duration = Duration::from_secs(5);
 
 impl WaitParams {
-    pub fn parse(&self, app: &App) -> Result<(Wait, Instant), ApiError> {
+    /// The wait and its timeout (counted from the commit, not from now).
+    pub fn parse(&self, app: &App) -> Result<(Wait, Duration), ApiError> {
         let wait = match self.wait.as_deref() {
             None | Some("") | Some("none") => Wait::None,
             Some("local") => Wait::Local,
@@ -56,7 +57,7 @@ impl WaitParams {
             }
         };
         let timeout = parse_timeout(self.timeout.as_deref(), app)?;
-        Ok((wait, Instant::now() + timeout))
+        Ok((wait, timeout))
     }
 }
 
@@ -108,9 +109,9 @@ pub async fn commit(
     sql_ack: &str,
     params: &[&(dyn ToSql + Sync)],
     wait: Wait,
-    deadline: Instant,
+    timeout: Duration,
 ) -> Result<Response, ApiError> {
-    commit_with(app, sql, sql_ack, params, wait, deadline, |_| json!({})).await
+    commit_with(app, sql, sql_ack, params, wait, timeout, |_| json!({})).await
 }
 
 /// Like [`commit`], adding what `extra` reads from the statement's row
@@ -121,14 +122,14 @@ pub async fn commit_with(
     sql_ack: &str,
     params: &[&(dyn ToSql + Sync)],
     wait: Wait,
-    deadline: Instant,
+    timeout: Duration,
     extra: impl FnOnce(&tokio_postgres::Row) -> serde_json::Value,
 ) -> Result<Response, ApiError> {
     let statement = if wait == Wait::Cluster { sql_ack } else { sql };
     let row = app.db.query_one(statement, params).await?;
     let token: String = row.get(0);
     let body = extra(&row);
-    answer(app, token, body, wait, deadline).await
+    answer(app, token, body, wait, timeout).await
 }
 
 /// Answers a committed write named by `token` (its transaction id): waits
@@ -138,22 +139,28 @@ pub async fn answer(
     token: String,
     mut body: serde_json::Value,
     wait: Wait,
-    deadline: Instant,
+    timeout: Duration,
 ) -> Result<Response, ApiError> {
     let tx: u64 = token
         .parse()
         .map_err(|_| ApiError::internal(format!("unexpected transaction id {token:?}")))?;
+    let deadline = Instant::now() + timeout;
     let applied = match wait {
         Wait::None => None,
         Wait::Local => Some(cluster::wait_local(app, tx, deadline).await),
-        Wait::Cluster => match cluster::wait_cluster(app, tx, deadline).await {
-            Ok(applied) => Some(applied),
-            Err(e) => {
-                // The write committed; only the wait failed.
-                tracing::warn!(error = %e, token = %token, "cannot follow a cluster wait");
-                Some(false)
+        Wait::Cluster => {
+            match tokio::time::timeout_at(deadline.into(), cluster::wait_cluster(app, tx, deadline))
+                .await
+                .unwrap_or(Ok(false))
+            {
+                Ok(applied) => Some(applied),
+                Err(e) => {
+                    // The write committed; only the wait failed.
+                    tracing::warn!(error = %e, token = %token, "cannot follow a cluster wait");
+                    Some(false)
+                }
             }
-        },
+        }
     };
     body["token"] = json!(token);
     if let Some(applied) = applied {

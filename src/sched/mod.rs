@@ -165,8 +165,12 @@ impl Scheduler {
         // Subscribed before reading the jobs: a reload from now on is seen.
         let reloaded = app.jobs_reloaded.subscribe();
         let jobs = enabled_jobs(&app);
+        // A redirect is the app's answer, a failure (3xx is not success):
+        // followed, it would turn the POST into a GET, or carry the job's
+        // headers to another host.
         let http = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("tandem/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("an HTTP client without TLS builds");
@@ -198,6 +202,16 @@ impl Scheduler {
         }
         let mut term = *term_rx.borrow_and_update();
         let mut reloaded = self.reloaded.clone();
+        match self.runner().abandon_own_runs().await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                runs = n,
+                "runs left running by this host's previous process marked abandoned"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot mark the runs of this host's previous process abandoned; tandem.mark-stale-hosts will not")
+            }
+        }
         self.init_cursors(|_| true).await;
         let mut check_queue = true;
         let mut last_queue_check = Instant::now();

@@ -263,11 +263,45 @@ impl Runner {
         let missed = app.config.cluster.stale_after as i32;
         app.metrics.db_queries.with_label_values(&["jobs"]).inc();
         let rows = app.db.query(&app.queries.abandon_runs, &[&missed]).await?;
-        for r in &rows {
+        self.abandoned(&rows, "its host stopped heartbeating");
+        let forget = app.config.cluster.forget_after.as_secs_f64();
+        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+        let gone = app.db.query(&app.queries.forget_hosts, &[&forget]).await?;
+        for r in &gone {
+            tracing::info!(host = %r.get::<_, String>(0), "forgot a host gone for longer than cluster.forget_after");
+        }
+        Ok(format!(
+            "{} runs abandoned, {} hosts forgotten",
+            rows.len(),
+            gone.len()
+        ))
+    }
+
+    /// At start, before this process runs anything: the runs still marked
+    /// running on this host belong to a process that is gone (a restart
+    /// quicker than `tandem.mark-stale-hosts` notices, a crash, a result
+    /// the database never received). Left so, a job refusing overlap would
+    /// skip every later time. Marked abandoned, retried as the job allows.
+    pub(super) async fn abandon_own_runs(&self) -> Result<usize, DbError> {
+        let app = &self.app;
+        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+        let rows = app
+            .db
+            .query(&app.queries.abandon_own_runs, &[&app.config.host_id])
+            .await?;
+        self.abandoned(&rows, "this host restarted while it ran");
+        Ok(rows.len())
+    }
+
+    /// Counts abandoned runs (`abandon_runs` rows) and sends the retries
+    /// their jobs allow.
+    fn abandoned(&self, rows: &[tokio_postgres::Row], why: &str) {
+        let app = &self.app;
+        for r in rows {
             let name: String = r.get(1);
             let attempt: i32 = r.get(4);
             let host: Option<String> = r.get(5);
-            tracing::warn!(job = %name, run = r.get::<_, i64>(0), host = ?host, "job run abandoned: its host stopped heartbeating");
+            tracing::warn!(job = %name, run = r.get::<_, i64>(0), host = ?host, "job run abandoned: {why}");
             let Some(job) = self.jobs.iter().find(|j| j.name == name).cloned() else {
                 continue;
             };
@@ -286,16 +320,5 @@ impl Runner {
                 let _ = self.retry_tx.send(p);
             }
         }
-        let forget = app.config.cluster.forget_after.as_secs_f64();
-        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
-        let gone = app.db.query(&app.queries.forget_hosts, &[&forget]).await?;
-        for r in &gone {
-            tracing::info!(host = %r.get::<_, String>(0), "forgot a host gone for longer than cluster.forget_after");
-        }
-        Ok(format!(
-            "{} runs abandoned, {} hosts forgotten",
-            rows.len(),
-            gone.len()
-        ))
     }
 }

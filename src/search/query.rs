@@ -189,9 +189,37 @@ fn filter_term(schema: &Schema, name: &str, value: &str) -> Result<Term, SearchE
     })
 }
 
+/// The longest query text accepted, in bytes.
+const MAX_QUERY_LEN: usize = 4096;
+/// The most groups and `NOT`s a query may hold: the query parser recurses
+/// once for each, on a thread with a fixed stack, so a query nested
+/// thousands deep would overflow it and abort the process.
+const MAX_QUERY_NESTING: usize = 64;
+
+/// Refuses query text too long or too deeply nested to parse safely.
+fn check_query_text(q: &str) -> Result<(), SearchError> {
+    if q.len() > MAX_QUERY_LEN {
+        return Err(SearchError::BadRequest(format!(
+            "the query is longer than {MAX_QUERY_LEN} bytes"
+        )));
+    }
+    let groups = q.matches('(').count();
+    let nots = q
+        .split(|c: char| c.is_whitespace() || c == '(')
+        .filter(|w| *w == "NOT")
+        .count();
+    if groups + nots > MAX_QUERY_NESTING {
+        return Err(SearchError::BadRequest(format!(
+            "the query holds more than {MAX_QUERY_NESTING} groups and NOTs"
+        )));
+    }
+    Ok(())
+}
+
 fn build_query(live: &Live, req: &Request) -> Result<Box<dyn Query>, SearchError> {
     let schema = live.index.schema();
     let q = req.q.trim();
+    check_query_text(q)?;
     let main: Box<dyn Query> = if q.is_empty() || q == "*" {
         Box::new(AllQuery)
     } else {

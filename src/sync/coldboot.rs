@@ -8,7 +8,7 @@ use tokio_postgres::{Client, GenericClient, IsolationLevel};
 
 use super::apply::Applier;
 use super::position::{Identity, LocalState, Position};
-use super::read::ReadError;
+use super::read::{ReadError, valid_entry};
 use super::snapshot::Snapshot;
 use crate::db::render;
 
@@ -160,8 +160,9 @@ pub async fn run(
     with_system_id: bool,
     applier: &Applier,
     alive: &(dyn Fn() + Sync),
+    skipped_rows: &prometheus::IntCounter,
 ) -> Result<(LocalState, u64), ColdBootError> {
-    let result = build(client, schema, with_system_id, applier, alive).await;
+    let result = build(client, schema, with_system_id, applier, alive, skipped_rows).await;
     if result.is_err() {
         applier.abandon_build().await;
     }
@@ -174,6 +175,7 @@ async fn build(
     with_system_id: bool,
     applier: &Applier,
     alive: &(dyn Fn() + Sync),
+    skipped_rows: &prometheus::IntCounter,
 ) -> Result<(LocalState, u64), ColdBootError> {
     let tx = client
         .build_transaction()
@@ -192,22 +194,22 @@ async fn build(
     let rows = tx.query_raw(&statement, std::iter::empty::<&str>()).await?;
     pin_mut!(rows);
     let mut n = 0u64;
+    let mut skipped = 0u64;
     while let Some(row) = rows.next().await {
         let row = row?;
         n += 1;
         if n.is_multiple_of(4096) {
             alive();
         }
+        let Some((cache, key)) = valid_entry(&mut skipped, row.try_get(0)?, row.try_get(1)?) else {
+            continue;
+        };
         applier
-            .build_put(
-                row.try_get(0)?,
-                row.try_get(1)?,
-                row.try_get(2)?,
-                row.try_get(3)?,
-            )
+            .build_put(cache, key, row.try_get(2)?, row.try_get(3)?)
             .await;
     }
     tx.commit().await?;
+    skipped_rows.inc_by(skipped);
     let state = LocalState {
         version: LocalState::VERSION,
         identity: remote.identity,

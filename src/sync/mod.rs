@@ -468,6 +468,7 @@ impl Syncer {
                     return Err(e.into());
                 }
             };
+            self.metrics.skipped_rows.inc_by(meta.skipped);
             let state = self.state.as_ref().expect("state exists with a position");
             let reason = if meta.schema_id != state.identity.schema_id {
                 Some(ColdBootReason::DatabaseChanged)
@@ -639,6 +640,7 @@ impl Syncer {
             session.with_system_id,
             &self.applier,
             &alive,
+            &self.metrics.skipped_rows,
         )
         .await;
         self.shared.update(|s| s.cold_booting = None);

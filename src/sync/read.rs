@@ -17,6 +17,7 @@ use tokio_postgres::{Client, Statement};
 use super::apply::{Applier, Change};
 use super::position::Position;
 use super::snapshot::Snapshot;
+use crate::cache::keys::{NameError, check_key, check_stored_cache};
 use crate::db::DbError;
 
 /// The page statement. Parameters: `$1` the position's snapshot, `$2`/`$3`
@@ -106,6 +107,43 @@ pub struct PageMeta {
     pub snapshot: Snapshot,
     pub schema_id: String,
     pub pruned_below: u64,
+    /// Rows naming an invalid cache or key, skipped ([`skipped_row`]).
+    pub skipped: u64,
+}
+
+/// The cache and key of a row (of the log or of `entries`), when both are
+/// valid; otherwise the row is logged and counted ([`skipped_row`]).
+pub fn valid_entry(
+    skipped: &mut u64,
+    cache: String,
+    key: Option<String>,
+) -> Option<(String, String)> {
+    let checked = check_stored_cache(&cache).and_then(|()| match &key {
+        Some(k) => check_key(k),
+        None => Err(NameError::EmptyKey),
+    });
+    match (checked, key) {
+        (Ok(()), Some(key)) => Some((cache, key)),
+        (checked, key) => {
+            let why = checked.err().map(|e| e.to_string()).unwrap_or_default();
+            skipped_row(skipped, "entry", &cache, key.as_deref(), &why);
+            None
+        }
+    }
+}
+
+/// Logs a row (of the log or of `entries`) that names an invalid cache or
+/// key, which is skipped: written other than through tandem's functions, it
+/// can name no local file (a cache such as `../x` would escape the cache
+/// directory), and failing the whole read for it would stall this host for
+/// as long as the row stays. Skipping is what refreshing from the truth
+/// would do: such a key cannot exist locally.
+fn skipped_row(count: &mut u64, what: &str, cache: &str, key: Option<&str>, why: &str) {
+    *count += 1;
+    let key: String = key.unwrap_or("(null)").chars().take(200).collect();
+    let cache: String = cache.chars().take(200).collect();
+    tracing::error!(row = what, cache = %cache, key = %key, error = why,
+        "a database row names an invalid cache or key; skipped (it was not written through tandem's functions)");
 }
 
 /// A page read failed.
@@ -180,6 +218,7 @@ pub async fn read_page(
     let rows = client.query_raw(statement, params).await?;
     pin_mut!(rows);
     let mut meta = None;
+    let mut meta_skipped = 0u64;
     let mut chunk = Chunk::default();
     while let Some(row) = rows.next().await {
         let row = row?;
@@ -201,15 +240,24 @@ pub async fn read_page(
                     pruned_below: pruned
                         .parse()
                         .map_err(|_| ReadError::Protocol(format!("bad pruned_below {pruned:?}")))?,
+                    skipped: 0,
                 });
                 continue;
             }
-            1 => Change::Clear {
-                cache: row.try_get(1)?,
-            },
-            2 | 3 => {
+            1 => {
                 let cache: String = row.try_get(1)?;
-                let key: String = row.try_get(2)?;
+                if let Err(e) = check_stored_cache(&cache) {
+                    skipped_row(&mut meta_skipped, "clear", &cache, None, &e.to_string());
+                    continue;
+                }
+                Change::Clear { cache }
+            }
+            2 | 3 => {
+                let Some((cache, key)) =
+                    valid_entry(&mut meta_skipped, row.try_get(1)?, row.try_get(2)?)
+                else {
+                    continue;
+                };
                 match row.try_get::<_, Option<Vec<u8>>>(3)? {
                     Some(value) => Change::Put {
                         cache,
@@ -226,8 +274,9 @@ pub async fn read_page(
         chunk.push(change, applier).await;
     }
     chunk.flush(applier).await;
-    let meta = meta
+    let mut meta = meta
         .ok_or_else(|| ReadError::Protocol("no metadata row (is the meta table empty?)".into()))?;
+    meta.skipped = meta_skipped;
     if meta.rows > 0 && meta.last.is_none() {
         return Err(ReadError::Protocol("page without a last row".into()));
     }
@@ -283,6 +332,7 @@ mod tests {
             snapshot: snap(snapshot),
             schema_id: "s".into(),
             pruned_below: 0,
+            skipped: 0,
         }
     }
 
