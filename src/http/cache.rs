@@ -324,37 +324,106 @@ pub struct Op {
     pub content_type: String,
 }
 
+/// Reads `{"ops": [...]}`, refusing as soon as it holds more than
+/// `max_ops` operations (a parsed value takes many times the bytes of its
+/// text: the count is checked while reading, not after).
+mod batch_doc {
+    use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+    use serde_json::Value;
+
+    /// The error text that marks "too many operations".
+    pub const TOO_MANY: &str = "tandem: too many operations";
+
+    pub struct Doc(pub usize);
+    struct Ops(usize);
+
+    impl<'de> DeserializeSeed<'de> for Doc {
+        type Value = Option<Vec<Value>>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Doc {
+        type Value = Option<Vec<Value>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("{\"ops\": [ ... ]}")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut ops = None;
+            while let Some(k) = map.next_key::<String>()? {
+                if k != "ops" {
+                    return Err(de::Error::custom(format!("unknown field {k:?}")));
+                }
+                ops = Some(map.next_value_seed(Ops(self.0))?);
+            }
+            Ok(ops)
+        }
+    }
+
+    impl<'de> DeserializeSeed<'de> for Ops {
+        type Value = Vec<Value>;
+        fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for Ops {
+        type Value = Vec<Value>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array of operations")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut ops = Vec::new();
+            while let Some(op) = seq.next_element::<Value>()? {
+                if ops.len() == self.0 {
+                    return Err(de::Error::custom(TOO_MANY));
+                }
+                ops.push(op);
+            }
+            Ok(ops)
+        }
+    }
+}
+
 /// Parses and checks a batch body: `{"ops": [...]}`.
 pub fn parse_batch(body: &[u8], max_ops: usize, max_value: u64) -> Result<Vec<Op>, ApiError> {
-    let doc: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("invalid_json", format!("the body is not valid JSON: {e}"))
-    })?;
-    let Some(ops) = doc
-        .as_object()
-        .and_then(|o| o.get("ops"))
-        .and_then(Value::as_array)
-    else {
-        return Err(ApiError::bad_request(
-            "invalid_batch",
-            "expected {\"ops\": [ ... ]}",
-        ));
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = batch_doc::Doc(max_ops)
+        .deserialize(&mut de)
+        .and_then(|ops| de.end().map(|()| ops));
+    let ops = match parsed {
+        Ok(Some(ops)) => ops,
+        Ok(None) => {
+            return Err(ApiError::bad_request(
+                "invalid_batch",
+                "expected {\"ops\": [ ... ]}",
+            ));
+        }
+        Err(e) if e.to_string().contains(batch_doc::TOO_MANY) => {
+            return Err(ApiError::too_large(
+                "batch_too_large",
+                format!("more than {max_ops} operations; a batch holds at most {max_ops}"),
+            ));
+        }
+        Err(e) if e.is_data() => {
+            return Err(ApiError::bad_request(
+                "invalid_batch",
+                format!("expected {{\"ops\": [ ... ]}}: {e}"),
+            ));
+        }
+        Err(e) => {
+            return Err(ApiError::bad_request(
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            ));
+        }
     };
-    if let Some(extra) = doc.as_object().and_then(|o| o.keys().find(|k| *k != "ops")) {
-        return Err(ApiError::bad_request(
-            "invalid_batch",
-            format!("unknown field {extra:?}"),
-        ));
-    }
     if ops.is_empty() {
         return Err(ApiError::bad_request(
             "invalid_batch",
             "the batch has no operations",
-        ));
-    }
-    if ops.len() > max_ops {
-        return Err(ApiError::too_large(
-            "batch_too_large",
-            format!("{} operations; a batch holds at most {max_ops}", ops.len()),
         ));
     }
     ops.iter()

@@ -64,7 +64,13 @@ pub async fn rebuild(
 ) -> Result<Response, ApiError> {
     authorize(&app, &headers)?;
     index_of(&app, &name)?;
-    app.search.rebuild(&name);
+    if !app.search.rebuild(&name) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "index_busy",
+            "the index writer's queue is full; try again shortly",
+        ));
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({

@@ -353,13 +353,18 @@ impl Scheduler {
                 .cursors
                 .get_mut(&job.name)
                 .expect("every job has a cursor");
+            // Without a term, a leader job's cursor stays where it is: if the
+            // term comes back unchanged (a renewal answered after the local
+            // deadline, with the lease never lost), the times in between are
+            // then planned (as misfires past their grace) instead of lost.
+            // A new term starts from the latest claimed time anyway.
+            if job.run_on == RunOn::Leader && self.app.leadership.term().is_none() {
+                continue;
+            }
             let grace = chrono::Duration::from_std(job.misfire_grace).expect("at most a day");
             let (times, skipped) = plan(&job.schedule, job.misfire, cursor, now, grace);
             if let Some((at, count)) = skipped {
                 tracing::info!(job = %job.name, missed = count, latest = %at, "skipping missed scheduled times (misfire = \"skip\")");
-            }
-            if job.run_on == RunOn::Leader && self.app.leadership.term().is_none() {
-                continue;
             }
             for (at, trigger) in times {
                 planned.push(Planned {

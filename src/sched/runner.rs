@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::action::{self, Outcome, RunContext};
 use super::{Planned, from_ts, ts};
 use crate::app::App;
-use crate::config::jobs::{Action, Builtin, JobSpec, RunOn};
+use crate::config::jobs::{Action, Builtin, JobSpec, Misfire, RunOn};
 use crate::db::DbError;
 
 /// Claims and executes runs (one task per run).
@@ -74,30 +74,47 @@ impl Runner {
         } else {
             ""
         };
-        app.metrics.db_queries.with_label_values(&["jobs"]).inc();
-        let result = app
-            .db
-            .query_one(
-                &app.queries.claim_run,
-                &[
-                    &job.name,
-                    &ts(p.at),
-                    &slot,
-                    &p.attempt,
-                    &p.trigger,
-                    &app.config.host_id,
-                    &token,
-                    &leader_only,
-                    &job.overlap,
-                    &(app.config.cluster.stale_after as i32),
-                ],
-            )
-            .await;
-        let row = match result {
-            Ok(row) => row,
-            Err(e) => {
-                tracing::warn!(job = %job.name, at = %p.at, error = %e, "cannot claim a job run");
-                return None;
+        // The database may be away for a moment (a restart, a failover):
+        // a claim that gets no answer is tried again while the time is still
+        // due (within misfire_grace; for `misfire = "run-once"` jobs, for up
+        // to an hour), so that a blip does not drop a scheduled time.
+        let patience = match job.misfire {
+            Misfire::Skip => job.misfire_grace,
+            Misfire::RunOnce => job.misfire_grace.max(Duration::from_secs(3600)),
+        };
+        let give_up = p.at + chrono::Duration::from_std(patience).unwrap_or_default();
+        let mut pause = Duration::from_millis(250);
+        let row = loop {
+            app.metrics.db_queries.with_label_values(&["jobs"]).inc();
+            let result = app
+                .db
+                .query_one(
+                    &app.queries.claim_run,
+                    &[
+                        &job.name,
+                        &ts(p.at),
+                        &slot,
+                        &p.attempt,
+                        &p.trigger,
+                        &app.config.host_id,
+                        &token,
+                        &leader_only,
+                        &job.overlap,
+                        &(app.config.cluster.stale_after as i32),
+                    ],
+                )
+                .await;
+            match result {
+                Ok(row) => break row,
+                Err(e) if app.leadership.now_db() < give_up && !app.is_shutting_down() => {
+                    tracing::warn!(job = %job.name, at = %p.at, error = %e, retry_in = ?pause, "cannot claim a job run; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::warn!(job = %job.name, at = %p.at, error = %e, "cannot claim a job run; this time is missed");
+                    return None;
+                }
             }
         };
         let id: Option<i64> = row.get(0);

@@ -42,6 +42,11 @@ use crate::db::{DbError, render};
 use crate::metrics::Metrics;
 use crate::sync::position::LocalState;
 
+/// The generation a live index's commits name while a rebuild it needs is
+/// due or under way: no cache generation is called so, so an index found
+/// with it at start is rebuilt (reason `interrupted`).
+pub(crate) const REBUILDING: &str = "rebuilding";
+
 /// A position an index can be at: the cache generation and the snapshot of
 /// the log read.
 #[derive(Clone, Debug)]
@@ -149,6 +154,9 @@ pub struct SearchIndex {
     live: RwLock<Option<Arc<Live>>>,
     status: Mutex<IndexStatus>,
     tx: SyncSender<Msg>,
+    /// A requested rebuild is queued and not yet started: more requests
+    /// meanwhile join it instead of queueing (and restarting) one each.
+    requested: std::sync::atomic::AtomicBool,
 }
 
 impl SearchIndex {
@@ -238,6 +246,12 @@ fn open_current(root: &Path, spec: &IndexSpec, generation: &str) -> Opened {
             reason: "schema_changed",
         };
     }
+    if payload.generation == REBUILDING {
+        return Opened::Stale {
+            index: Some(index),
+            reason: "interrupted",
+        };
+    }
     if payload.generation != generation {
         return Opened::Stale {
             index: Some(index),
@@ -277,6 +291,7 @@ impl Search {
                     ..IndexStatus::default()
                 }),
                 tx,
+                requested: Default::default(),
             });
             let start_mark = state.map(Mark::of);
             let (writable, rebuild) = match opened {
@@ -337,15 +352,27 @@ impl Search {
         &self.indexes
     }
 
-    /// Starts a rebuild of an index from the cache directory.
+    /// Starts a rebuild of an index from the cache directory (joining one
+    /// requested and not yet started). False when there is no such index, or
+    /// its writer's queue is full.
     pub fn rebuild(&self, name: &str) -> bool {
         match self.get(name) {
             Some(ix) => {
+                use std::sync::atomic::Ordering;
+                if ix.requested.swap(true, Ordering::SeqCst) {
+                    return true;
+                }
                 ix.update(|s| s.rebuilding = Some("requested"));
-                ix.send(Msg::Rebuild {
+                // Never blocks the caller (an HTTP thread): with the writer's
+                // queue full, the request is dropped and may be made again.
+                let msg = Msg::Rebuild {
                     reason: "requested",
                     mark: None,
-                });
+                };
+                if ix.tx.try_send(msg).is_err() {
+                    ix.requested.store(false, Ordering::SeqCst);
+                    return false;
+                }
                 true
             }
             None => false,

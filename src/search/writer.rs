@@ -57,6 +57,13 @@ pub struct Writer {
     build: Option<Build>,
     /// The position of the last batch handled.
     mark: Option<Mark>,
+    /// A rebuild other than a requested one is due or under way: the live
+    /// index no longer matches the cache directory, and its commits say so
+    /// ([`REBUILDING`]), so that a restart before the rebuild ends starts it
+    /// again instead of trusting the live index.
+    stale_live: bool,
+    /// A rebuild that could not start, and when to try it again.
+    retry_build: Option<(&'static str, Instant)>,
     /// Changes handled but not yet committed to the live index.
     dirty: bool,
     unsearchable_since: Option<Instant>,
@@ -84,6 +91,8 @@ impl Writer {
             live: None,
             build: None,
             mark,
+            stale_live: false,
+            retry_build: None,
             dirty: false,
             unsearchable_since: None,
             applied: Vec::new(),
@@ -174,6 +183,10 @@ impl Writer {
             }
             if self.build.is_some() {
                 self.build_step();
+            } else if let Some((reason, at)) = self.retry_build
+                && Instant::now() >= at
+            {
+                self.start_build(reason);
             }
             let lag = self
                 .unsearchable_since
@@ -214,6 +227,11 @@ impl Writer {
             Msg::Rebuild { reason, mark } => {
                 if let Some(m) = mark {
                     self.mark = Some(m);
+                }
+                if reason == "requested" {
+                    self.ix
+                        .requested
+                        .store(false, std::sync::atomic::Ordering::SeqCst);
                 }
                 self.start_build(reason);
             }
@@ -285,21 +303,23 @@ impl Writer {
         }
     }
 
-    fn payload(&self) -> String {
+    /// The commit payload naming what the index holds: the last batch's
+    /// mark, or (`stale`) a generation that matches none.
+    fn payload(&self, stale: bool) -> String {
         let p = Payload {
             fingerprint: self.ix.spec.fingerprint(),
-            generation: self
-                .mark
-                .as_ref()
-                .map(|m| m.generation.clone())
-                .unwrap_or_default(),
+            generation: match &self.mark {
+                _ if stale => super::REBUILDING.to_string(),
+                Some(m) => m.generation.clone(),
+                None => String::new(),
+            },
             position: self.mark.as_ref().map(|m| m.position.clone()),
         };
         serde_json::to_string(&p).expect("payload serialises")
     }
 
     fn commit_live(&mut self) {
-        let payload = self.payload();
+        let payload = self.payload(self.stale_live);
         let Some(t) = self.live.as_mut() else {
             // Nothing to commit until the rebuild is swapped in.
             return;
@@ -368,6 +388,10 @@ impl Writer {
     }
 
     fn start_build(&mut self, reason: &'static str) {
+        self.retry_build = None;
+        if reason != "requested" {
+            self.stale_live = true;
+        }
         if let Some(old) = self.build.take() {
             drop(old.target.writer);
             let _ = std::fs::remove_dir_all(self.root.join(&old.target.dir));
@@ -429,8 +453,9 @@ impl Writer {
                 self.build = Some(b);
             }
             Err(e) => {
-                tracing::error!(index = %name, error = %e, "cannot start a search index rebuild");
+                tracing::error!(index = %name, error = %e, "cannot start a search index rebuild; trying again in 5s");
                 self.ix.update(|s| s.last_error = Some(e));
+                self.retry_build = Some((reason, Instant::now() + Duration::from_secs(5)));
             }
         }
     }
@@ -464,7 +489,7 @@ impl Writer {
     }
 
     fn finish_build(&mut self) {
-        let payload = self.payload();
+        let payload = self.payload(false);
         let Some(mut b) = self.build.take() else {
             return;
         };
@@ -502,6 +527,7 @@ impl Writer {
                     drop(old.writer);
                 }
                 self.remove_other_dirs();
+                self.stale_live = false;
                 let took = b.started.elapsed();
                 self.metrics
                     .search

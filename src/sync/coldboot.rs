@@ -125,16 +125,23 @@ pub fn needed(
     if state.identity != remote.identity {
         return Some(ColdBootReason::DatabaseChanged);
     }
-    let done = &state.position.done;
-    if done.xmax() > remote.snapshot.xmax() {
+    if furthest_xmax(&state.position) > remote.snapshot.xmax() {
         // The position is from the database's future: it was restored to an
         // earlier point.
         return Some(ColdBootReason::DatabaseChanged);
     }
+    let done = &state.position.done;
     if remote.pruned_below > done.xmin() {
         return Some(ColdBootReason::Pruned);
     }
     None
+}
+
+/// The furthest transaction horizon a position has seen: its own, or that
+/// of the delta it is reading.
+pub fn furthest_xmax(p: &Position) -> u64 {
+    let pending = p.pending.as_ref().map_or(0, |d| d.target.xmax());
+    p.done.xmax().max(pending)
 }
 
 /// A cold boot failed.
@@ -270,6 +277,18 @@ mod tests {
         );
         assert_eq!(
             needed(Some(&state("200:210:", "g-1")), "g-1", &r),
+            Some(ColdBootReason::DatabaseChanged)
+        );
+        // A delta under way toward a snapshot from the database's future.
+        let mut reading = state("90:95:", "g-1");
+        reading.position.pending = Some(super::super::position::Pending {
+            target: "110:120:".parse().unwrap(),
+            after_tx: 96,
+            after_id: 7,
+        });
+        assert_eq!(furthest_xmax(&reading.position), 120);
+        assert_eq!(
+            needed(Some(&reading), "g-1", &r),
             Some(ColdBootReason::DatabaseChanged)
         );
         assert_eq!(

@@ -91,6 +91,10 @@ pub struct Syncer {
     last_persist: Instant,
     /// Transactions other hosts wait on: report once applied.
     wanted_acks: Vec<(u64, Instant)>,
+    /// An ack request already covered by the persisted position came in:
+    /// report once, after the notifications at hand are all handled (a
+    /// backlog of them after a long read costs one round trip, not one each).
+    report_due: bool,
     log_channel: String,
     ack_channel: String,
     ackreq_channel: String,
@@ -155,6 +159,7 @@ impl Syncer {
             state_corrupt,
             last_persist: Instant::now(),
             wanted_acks: Vec::new(),
+            report_due: false,
         }
     }
 
@@ -285,6 +290,15 @@ impl Syncer {
             Some(ColdBootReason::Requested)
         } else if self.state_corrupt && self.state.is_none() {
             Some(ColdBootReason::CorruptState)
+        } else if self
+            .position
+            .as_ref()
+            .is_some_and(|p| coldboot::furthest_xmax(p) > remote.snapshot.xmax())
+        {
+            // This process read further than it persisted (empty reads move
+            // the position without writing it): that too must not be from
+            // the database's future.
+            Some(ColdBootReason::DatabaseChanged)
         } else {
             coldboot::needed(self.state.as_ref(), &generation, &remote)
         };
@@ -328,9 +342,12 @@ impl Syncer {
                     _ = cancel.cancelled() => return Ok(()),
                     note = notes.recv() => {
                         let Some(note) = note else { return Err(SessionError::Closed) };
-                        read |= self.on_notification(&client, &session, note).await?;
+                        read |= self.on_notification(note);
                         while let Ok(note) = notes.try_recv() {
-                            read |= self.on_notification(&client, &session, note).await?;
+                            read |= self.on_notification(note);
+                        }
+                        if std::mem::take(&mut self.report_due) {
+                            self.report(&client, &session).await?;
                         }
                         trigger = "notify";
                     }
@@ -351,46 +368,41 @@ impl Syncer {
     }
 
     /// Handles a notification; true when the log should be read.
-    async fn on_notification(
-        &mut self,
-        client: &Client,
-        session: &Session,
-        note: Notification,
-    ) -> Result<bool, SessionError> {
+    fn on_notification(&mut self, note: Notification) -> bool {
         let channel = note.channel();
         if channel == self.log_channel {
             self.shared.observe_pending(Instant::now());
-            return Ok(true);
+            return true;
         }
         if channel == self.ack_channel {
             self.shared.acks.send_modify(|n| *n = n.wrapping_add(1));
-            return Ok(false);
+            return false;
         }
         if channel == self.leader_channel {
             self.shared.leader_released.notify_one();
-            return Ok(false);
+            return false;
         }
         if channel == self.jobs_channel {
             self.shared.jobs_queued.notify_one();
-            return Ok(false);
+            return false;
         }
         if channel == self.locks_channel {
             self.shared.lock_released.notify_waiters();
-            return Ok(false);
+            return false;
         }
         if channel == self.ackreq_channel
             && let Ok(tx) = note.payload().parse::<u64>()
         {
             let persisted = self.state.as_ref().map(|s| &s.position.done);
             if persisted.is_some_and(|p| p.is_visible(tx)) {
-                self.report(client, session).await?;
+                self.report_due = true;
             } else {
                 self.wanted_acks
                     .push((tx, Instant::now() + Duration::from_secs(300)));
             }
-            return Ok(true);
+            return true;
         }
-        Ok(false)
+        false
     }
 
     /// Publishes the persisted position at once (answering ack requests).
