@@ -557,3 +557,68 @@ impl Feed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::search::{FieldKind, FieldSpec, Tokenizer};
+
+    fn spec() -> IndexSpec {
+        IndexSpec {
+            name: "docs".into(),
+            cache: "docs".into(),
+            fields: vec![FieldSpec {
+                name: "title".into(),
+                pointer: "/title".into(),
+                kind: FieldKind::Text,
+                stored: true,
+                fast: false,
+                facet: false,
+                tokenizer: Tokenizer::Default,
+            }],
+        }
+    }
+
+    /// An index committed with `generation` in its payload, as `current`.
+    fn committed(root: &Path, spec: &IndexSpec, generation: &str) {
+        let dir = root.join("i-000001");
+        std::fs::create_dir_all(&dir).unwrap();
+        let index = Index::create_in_dir(&dir, doc::schema(spec)).unwrap();
+        let mut writer: tantivy::IndexWriter =
+            index.writer_with_num_threads(1, 15_000_000).unwrap();
+        let payload = Payload {
+            fingerprint: spec.fingerprint(),
+            generation: generation.into(),
+            position: Some("10:10:".into()),
+        };
+        let mut prepared = writer.prepare_commit().unwrap();
+        prepared.set_payload(&serde_json::to_string(&payload).unwrap());
+        prepared.commit().unwrap();
+        std::os::unix::fs::symlink("i-000001", root.join("current")).unwrap();
+    }
+
+    #[test]
+    fn the_payload_says_whether_an_index_is_current() {
+        let spec = spec();
+        let reason = |generation: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            committed(dir.path(), &spec, generation);
+            match open_current(dir.path(), &spec, "g-000002") {
+                Opened::Ready { .. } => "ready",
+                Opened::Stale { reason, .. } => reason,
+            }
+        };
+        assert_eq!(reason("g-000002"), "ready");
+        assert_eq!(reason("g-000001"), "cold_boot");
+        // Committed while a rebuild it needed was under way: never trusted.
+        assert_eq!(reason(REBUILDING), "interrupted");
+        let empty = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            open_current(empty.path(), &spec, "g-000002"),
+            Opened::Stale {
+                reason: "missing",
+                ..
+            }
+        ));
+    }
+}
