@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use super::position::{LocalState, StateFile};
 use super::record::Recorder;
@@ -54,10 +54,24 @@ pub struct ApplyError {
 /// What the thread is sent: a chunk of changes, or anything else (which
 /// first waits for a commit still in flight: see [`Local::settle`]).
 enum Job {
-    Apply(Vec<Change>),
+    /// The changes, and their share of the queue's byte budget (given back
+    /// when the job is done with).
+    Apply(Vec<Change>, Option<OwnedSemaphorePermit>),
     Call(Box<dyn FnOnce(&mut Local) + Send>),
     /// Wakes the thread when the flush in flight is done.
     Flushed,
+}
+
+/// The bytes of keys and values queued for the thread at most (in KiB): the
+/// queue holds at most 256 jobs, but one job may carry a value of
+/// `api.max_value_size`, so without this 256 of them could wait in memory
+/// while the thread is held up by a slow disk.
+const QUEUED_KIB: u32 = 64 << 10;
+
+/// A job's weight against [`QUEUED_KIB`]: at least 1, at most all of it (a
+/// single larger job still passes, alone).
+fn weight(bytes: usize) -> u32 {
+    (bytes.div_ceil(1024) as u64).clamp(1, QUEUED_KIB as u64) as u32
 }
 
 /// One change to the current generation.
@@ -243,7 +257,7 @@ impl Local {
 
     fn run(&mut self, job: Job) {
         match job {
-            Job::Apply(changes) => {
+            Job::Apply(changes, _budget) => {
                 for change in changes {
                     if self.failed.is_some() {
                         return;
@@ -273,6 +287,8 @@ impl Local {
 #[derive(Clone)]
 pub struct Applier {
     jobs: mpsc::Sender<Job>,
+    /// The bytes queued for the thread ([`QUEUED_KIB`]).
+    budget: Arc<Semaphore>,
 }
 
 impl Applier {
@@ -326,7 +342,19 @@ impl Applier {
                 local.settle();
             })
             .expect("can spawn the applier thread");
-        Self { jobs }
+        Self {
+            jobs,
+            budget: Arc::new(Semaphore::new(QUEUED_KIB as usize)),
+        }
+    }
+
+    /// Waits until `bytes` more fit in the queue's byte budget.
+    async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        self.budget
+            .clone()
+            .acquire_many_owned(weight(bytes))
+            .await
+            .ok()
     }
 
     async fn send(&self, job: Job) {
@@ -360,7 +388,9 @@ impl Applier {
         if changes.is_empty() {
             return;
         }
-        self.send(Job::Apply(changes)).await;
+        let bytes = changes.iter().map(Change::weight).sum();
+        let budget = self.reserve(bytes).await;
+        self.send(Job::Apply(changes, budget)).await;
     }
 
     /// Makes the batch durable, then writes `state` (if any; fsynced too
@@ -453,7 +483,9 @@ impl Applier {
         value: Vec<u8>,
         content_type: String,
     ) {
+        let budget = self.reserve(key.len() + value.len()).await;
         self.send(Job::Call(Box::new(move |l| {
+            let _budget = budget;
             if l.failed.is_some() {
                 return;
             }
@@ -661,6 +693,28 @@ mod tests {
             .read("c", key)
             .unwrap()
             .map(|(v, _)| String::from_utf8(v).unwrap())
+    }
+
+    /// More bytes than the queue's budget go through (the sender waits for
+    /// the thread), and one value larger than all of it passes alone.
+    #[tokio::test]
+    async fn the_queue_is_bounded_by_bytes_not_only_jobs() {
+        assert_eq!(weight(0), 1);
+        assert_eq!(weight(1025), 2);
+        assert_eq!(weight(usize::MAX), QUEUED_KIB);
+        let dir = tempfile::tempdir().unwrap();
+        let (applier, cache) = start(dir.path());
+        let mib = "x".repeat(1 << 20);
+        for i in 0..80u32 {
+            applier.apply(puts(i..i + 1, &mib)).await;
+        }
+        let big = "y".repeat((QUEUED_KIB as usize + 1) << 10);
+        applier.apply(puts(80..81, &big)).await;
+        let done = applier.commit(None, false).await.unwrap();
+        assert_eq!(done.puts, 81);
+        assert_eq!(value(&cache, "k3").map(|v| v.len()), Some(1 << 20));
+        assert_eq!(value(&cache, "k80").map(|v| v.len()), Some(big.len()));
+        assert_eq!(applier.budget.available_permits(), QUEUED_KIB as usize);
     }
 
     /// A large batch's flush stays in flight while the next batch arrives;
