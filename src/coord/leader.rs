@@ -43,6 +43,9 @@ struct State {
     /// When the current holder's lease ends, on the local clock.
     holder_until: Option<Instant>,
     observed: bool,
+    /// This host resigned (shutting down): no answer arriving later, a
+    /// renewal sent before the release included, starts a term again.
+    resigned: bool,
 }
 
 /// `GET /v1/role`.
@@ -139,8 +142,13 @@ impl Leadership {
             .as_ref()
             .map(|_| received + Duration::from_secs_f64(obs.expires_in));
         let had = s.mine.map(|(t, _)| t);
-        if obs.holder.as_deref() == Some(self.host.as_str()) {
-            let deadline = sent + self.lease.mul_f64(0.9);
+        if obs.holder.as_deref() == Some(self.host.as_str()) && !s.resigned {
+            // At most 0.9 of a lease from when the statement was sent, and
+            // never past what the database says is left of it (a statement
+            // that did not renew answers the time left, which may be short).
+            let left = Duration::from_secs_f64(obs.expires_in.max(0.0));
+            let margin = self.lease.mul_f64(0.1);
+            let deadline = sent + self.lease.mul_f64(0.9).min(left.saturating_sub(margin));
             s.mine = Some((obs.token, deadline));
             if had != Some(obs.token) {
                 tracing::info!(token = obs.token, "this host is now the leader");
@@ -179,6 +187,7 @@ impl Leadership {
     /// Ends this host's term (clean shutdown); the token to release.
     pub fn resign(&self, m: &CoordMetrics) -> Option<i64> {
         let mut s = self.state.lock().expect("not poisoned");
+        s.resigned = true;
         let (token, deadline) = s.mine.take()?;
         m.is_leader.set(0);
         self.term_tx.send_replace(0);
@@ -268,6 +277,20 @@ mod tests {
         assert_eq!(l.term(), None);
         assert!(l.check_deadline(&m));
         assert_eq!(*rx.borrow_and_update(), 0);
+        // An answer that did not renew: the term lasts only as long as the
+        // database says is left (less a tenth of a lease), not 0.9 of one.
+        let mut short = obs(Some("a"), 4);
+        short.expires_in = 0.1;
+        l.observe(Instant::now(), SystemTime::now(), &short, &m);
+        assert_eq!(l.term(), None, "0.1 s left is within the margin");
+        short.expires_in = 1.5;
+        l.observe(Instant::now(), SystemTime::now(), &short, &m);
+        assert_eq!(l.term(), Some(4));
+        // Resigned: a renewal answered afterwards does not bring it back.
+        assert_eq!(l.resign(&m), Some(4));
+        l.observe(Instant::now(), SystemTime::now(), &obs(Some("a"), 4), &m);
+        assert_eq!(l.term(), None);
+        assert_eq!(l.view().role, "follower");
         // The database clock is estimated from the answer.
         let skew = (l.now_db().timestamp() - 1_700_000_000).abs();
         assert!(skew < 5, "{skew}");
