@@ -125,13 +125,13 @@ pub async fn create(
     let stored = uploads
         .store_body(&app, &name, &content_type, ttl, body.into_data_stream())
         .await
-        .map_err(|e| match e {
-            UploadError::Store(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                format!("{e}; nothing was registered"),
-            ),
-            e => e.into(),
+        .map_err(|e| {
+            let store = matches!(e, UploadError::Store(_));
+            let mut error = ApiError::from(e);
+            if store {
+                error.message.push_str("; nothing was registered");
+            }
+            error
         })?;
     let (token, meta) = uploads
         .register(&app, stored, "http", wait == Wait::Cluster)
